@@ -35,7 +35,7 @@ __all__ = [
     "summary_attention", "merge_partials", "Summaries", "muse_block",
 ]
 
-_CHUNK_ELEMS = 1 << 24      # bound on the elements of one temporary chunk (64 MiB in float32)
+_CHUNK_ELEMS = 1 << 22      # bound on the elements of one temporary chunk (16 MiB in float32)
 GUARD_SAMPLES = 32          # sample queries per head used to fit the dipole scale λ
 POWER_ITERS = 6             # power iterations for the dipole direction
 
