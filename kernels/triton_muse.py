@@ -1,0 +1,216 @@
+"""The MuSe forward on generated Triton kernels: same function as ``kernels/reference.py``.
+
+``muse_attention(q, k, v, ...)`` -> ``(out [B, H, N, Dv] in q.dtype, lse [B, H, N] float32)``.
+
+Per acausal problem batch (the whole acausal op, or one dyadic level of the causal op with all its pairs,
+all batch·heads in each launch): k-means passes for queries and keys (fused distance GEMM + argmin + atomic
+per-cluster sums/counts, one launch per Lloyd step), counting-sort scatter of each set by cluster, query
+centroids + dipole directions, stage 1 (tilted summaries; guard-sample exact partials in the same launch),
+guard (λ per head), stage 2 (summary attention + dipole, written in place or LSE-merged). The causal op first
+runs exact causal attention inside aligned chunks (local blocks + the exact levels), then its MuSe levels.
+No host synchronisation: every shape is known from the plan; the workspaces have their maximum sizes.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from muse_compile.lowering.plan import (GUARD_SAMPLES, POWER_ITERS, KernelPlan, module_for, plan, supports)
+
+__all__ = ["muse_attention", "make_plan"]
+
+ALL_PHASES = frozenset({"local", "cluster", "stage1", "stage2", "cast"})
+
+
+def make_plan(q, k, v, *, causal=False, clusters=128, query_clusters=None, dipole=True, kmeans_iters=2,
+              block_size=256, key_padding_mask=None) -> KernelPlan:
+    B, H, N, D = q.shape
+    return plan(batch=B, heads=H, kv_heads=k.shape[1], n=N, m=k.shape[2], head_dim=D, value_dim=v.shape[-1],
+                dtype=q.dtype, causal=causal, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
+                kmeans_iters=kmeans_iters, block_size=block_size, has_mask=key_padding_mask is not None)
+
+
+def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clusters=None, dipole=True,
+                   kmeans_iters=2, block_size=256, key_padding_mask=None,
+                   _phases=ALL_PHASES) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MuSe forward on the Triton kernels; arguments and returns as ``reference.muse_attention``."""
+    ok, why = supports(q, k, v, causal=causal, key_padding_mask=key_padding_mask, clusters=clusters,
+                       query_clusters=query_clusters)
+    if not ok:
+        raise ValueError(f"the Triton MuSe path does not take this call: {why}")
+    if kmeans_iters < 0 or clusters < 1 or block_size < 1 or (query_clusters is not None and query_clusters < 1):
+        raise ValueError("clusters, query_clusters, block_size must be >= 1 and kmeans_iters >= 0")
+    pl = make_plan(q, k, v, causal=causal, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
+                   kmeans_iters=kmeans_iters, block_size=block_size, key_padding_mask=key_padding_mask)
+    mod = module_for(pl)
+    B, H, N, D = q.shape
+    Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = H // Hkv
+    Z = B * Hkv
+    s = D ** -0.5 if scale is None else float(scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    valid = None
+    if key_padding_mask is not None:
+        valid = key_padding_mask.contiguous().view(torch.uint8)
+    dev = q.device
+    lse = torch.empty(B, H, N, device=dev, dtype=torch.float32)
+    if not causal:
+        out = torch.empty(B, H, N, Dv, device=dev, dtype=q.dtype)
+        _level(mod, pl, pl.levels[0], q, k, v, valid, s, Z, G, Hkv, N, M, out, lse, merge=False, phases=_phases)
+        return out, lse
+    direct = len(pl.levels) == 0
+    acc = torch.empty(B, H, N, Dv, device=dev, dtype=q.dtype if direct else torch.float32)
+    if "local" in _phases:
+        BM, BN = pl.bm_exact, pl.bn_exact
+        mod.exact_causal[(B * H, triton_cdiv(N, BM))](
+            q, k, v, s, valid if valid is not None else q, acc, lse, G, Hkv, N, pl.exact_chunk,
+            BM=BM, BN=BN, HAS_VALID=valid is not None, num_warps=pl.warps)
+    for lv in pl.levels:
+        _level(mod, pl, lv, q, k, v, valid, s, Z, G, Hkv, N, N, acc, lse, merge=True, phases=_phases)
+    if direct or "cast" not in _phases:
+        return acc, lse
+    return acc.to(q.dtype), lse
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _init_index(valid, lv, Hkv, C):
+    """Initial centroid tokens of the key sets under a padding mask: the evenly spaced valid tokens."""
+    B = valid.shape[0]
+    S, P = lv.key_len, lv.pairs
+    vb = valid.bool()
+    if lv.pair_stride:
+        sets = vb.unfold(1, S, lv.pair_stride)[:, :P]            # [B, P, S]
+    else:
+        sets = vb[:, None, :S]
+    cs = torch.cumsum(sets.to(torch.int32), -1)
+    nv = cs[..., -1:]
+    c = torch.arange(C, device=valid.device, dtype=torch.int64)
+    rank = ((2 * c + 1) * nv.clamp(min=1).to(torch.int64)) // (2 * C)   # [B, P, C]
+    idx = torch.searchsorted(cs.contiguous(), (rank + 1).to(torch.int32).contiguous())
+    idx = torch.where(nv > 0, idx, torch.zeros_like(idx)).clamp(max=S - 1)
+    return idx[:, None].expand(B, Hkv, P, C).reshape(B * Hkv * P, C).to(torch.int32).contiguous()
+
+
+def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out, lse, *, merge, phases):
+    dev = q.device
+    spec = pl.spec
+    BD, BDV = spec.bd, spec.bdv
+    P = lv.pairs
+    NSq, NSk = Z * P * G, Z * P
+    Cq, Ck = lv.q_clusters, lv.k_clusters
+    BCq, BCk = _pow2(Cq), _pow2(Ck)
+    T = pl.kmeans_iters
+    Lf, Lk, La = lv.fit_len, lv.key_len, lv.ans_len
+    BN = pl.bn_kmeans
+    f32, i32 = torch.float32, torch.int32
+    nw = pl.warps
+    # zero-initialised workspace (sums and counts of every pass), one allocation
+    nq_sum = (T + 1) * NSq * Cq * BD
+    nk_sum = (T + 1) * NSk * Ck * BD
+    nq_cnt = (T + 1) * NSq * Cq
+    nk_cnt = (T + 1) * NSk * Ck
+    na_cnt = 0 if lv.same else NSq * Cq
+    zbuf = torch.zeros(nq_sum + nk_sum + nq_cnt + nk_cnt + na_cnt, device=dev, dtype=f32)
+    qsums = zbuf[:nq_sum].view(T + 1, NSq * Cq * BD)
+    ksums = zbuf[nq_sum:nq_sum + nk_sum].view(T + 1, NSk * Ck * BD)
+    o = nq_sum + nk_sum
+    qcnt = zbuf[o:o + nq_cnt].view(i32).view(T + 1, NSq * Cq)
+    kcnt = zbuf[o + nq_cnt:o + nq_cnt + nk_cnt].view(i32).view(T + 1, NSk * Ck)
+    acnt = zbuf[o + nq_cnt + nk_cnt:].view(i32)
+    qmu = torch.empty(T + 1, NSq * Cq * BD, device=dev, dtype=f32)
+    kmu = torch.empty(T + 1, NSk * Ck * BD, device=dev, dtype=f32)
+    ibuf = torch.empty(2 * NSq * Lf + 2 * NSk * Lk, device=dev, dtype=i32)
+    qassign, qpos = ibuf[:NSq * Lf], ibuf[NSq * Lf:2 * NSq * Lf]
+    kassign, kpos = ibuf[2 * NSq * Lf:2 * NSq * Lf + NSk * Lk], ibuf[2 * NSq * Lf + NSk * Lk:]
+    qperm = torch.empty(NSq * Lf, device=dev, dtype=i32)
+    kperm = torch.empty(NSk * Lk, device=dev, dtype=i32)
+    init = None
+    if valid is not None:
+        init = _init_index(valid, lv, Hkv, Ck)
+    fit_off, k_off = 0, 0
+    ps = lv.pair_stride
+    dummy = qsums
+    if "cluster" in phases:
+        for t in range(T + 1):
+            mode = 0 if t == 0 else 1
+            final = t == T
+            prev = max(t - 1, 0)
+            mod.kmeans_pass[(NSq, triton_cdiv(Lf, BN))](
+                q, scale, dummy, qmu[prev], qsums[prev], qcnt[prev], qmu[t], qsums[t], qcnt[t], qassign, qpos, dummy,
+                G, P, N, fit_off, ps, Lf, Hkv,
+                C=Cq, BC=BCq, BN=BN, MODE=mode, INIT_IDX=False, HAS_VALID=False, SUMS=True, FINAL=final,
+                num_warps=nw)
+            mod.kmeans_pass[(NSk, triton_cdiv(Lk, BN))](
+                k, 1.0, init if init is not None else dummy, kmu[prev], ksums[prev], kcnt[prev], kmu[t], ksums[t],
+                kcnt[t], kassign, kpos, valid if valid is not None else dummy,
+                1, P, M, k_off, ps, Lk, Hkv,
+                C=Ck, BC=BCk, BN=BN, MODE=mode, INIT_IDX=init is not None, HAS_VALID=valid is not None,
+                SUMS=not final, FINAL=final, num_warps=nw)
+        mod.scatter_perm[(NSq, triton_cdiv(Lf, BN))](qcnt[T], qassign, qpos, qperm, G, P, N, fit_off, ps, Lf,
+                                                     C=Cq, BC=BCq, BN=BN, num_warps=nw)
+        mod.scatter_perm[(NSk, triton_cdiv(Lk, BN))](kcnt[T], kassign, kpos, kperm, 1, P, M, k_off, ps, Lk,
+                                                     C=Ck, BC=BCk, BN=BN, num_warps=nw)
+    qbar = torch.empty(NSq * Cq * BD, device=dev, dtype=f32)
+    u = torch.empty(NSq * Cq * BD, device=dev, dtype=f32) if spec.dipole else qbar
+    if "cluster" in phases:
+        mod.centroid_dir[(NSq, Cq)](q, scale, qmu[T], qsums[T], qcnt[T], qperm, qbar, u, G, P, N, fit_off, ps, Lf,
+                                    C=Cq, BC=BCq, BN=pl.bn_stage1, POWER_ITERS=POWER_ITERS, num_warps=nw)
+    if lv.same:
+        aperm, acount = qperm, qcnt[T]
+    else:
+        aassign = torch.empty(NSq * La, device=dev, dtype=i32)
+        apos = torch.empty(NSq * La, device=dev, dtype=i32)
+        aperm = torch.empty(NSq * La, device=dev, dtype=i32)
+        acount = acnt
+        if "cluster" in phases:
+            mod.kmeans_pass[(NSq, triton_cdiv(La, BN))](
+                q, scale, dummy, qbar, dummy, acnt, dummy, dummy, acnt, aassign, apos, dummy,
+                G, P, N, lv.ans_off, ps, La, Hkv,
+                C=Cq, BC=BCq, BN=BN, MODE=2, INIT_IDX=False, HAS_VALID=False, SUMS=False, FINAL=True, num_warps=nw)
+            mod.scatter_perm[(NSq, triton_cdiv(La, BN))](acnt, aassign, apos, aperm, G, P, N, lv.ans_off, ps, La,
+                                                         C=Cq, BC=BCq, BN=BN, num_warps=nw)
+    A = G * Cq
+    kt = torch.empty(NSk * A * Ck * BD, device=dev, dtype=f32)
+    vt = torch.empty(NSk * A * Ck * BDV, device=dev, dtype=f32)
+    beta = torch.empty(NSk * A * Ck, device=dev, dtype=f32)
+    gs = torch.empty(NSk * A * Ck * BDV, device=dev, dtype=f32) if spec.dipole else vt
+    ns = min(Lf, GUARD_SAMPLES)
+    BS = 32
+    nsb = triton_cdiv(G * ns, BS) if spec.dipole else 0
+    if spec.dipole:
+        po = torch.empty(NSk * G * ns * Ck * BDV, device=dev, dtype=f32)
+        plse = torch.empty(NSk * G * ns * Ck, device=dev, dtype=f32)
+        lam = torch.empty(NSq, device=dev, dtype=f32)
+    else:
+        po, plse, lam = vt, beta, beta
+    BA = pl.ba_stage1
+    nab = triton_cdiv(A, BA)
+    if "stage1" in phases:
+        mod.stage1[(NSk, Ck, nab + nsb)](
+            k, v, qbar, u, kperm, kcnt[T], q, scale, kt, vt, beta, gs, po, plse,
+            G, P, M, k_off, ps, Lk, N, fit_off, ps, Lf, ns,
+            CQ=Cq, CK=Ck, BCK=BCk, BA=BA, BN=pl.bn_stage1, NAB=nab, BS=BS, num_warps=nw)
+        if spec.dipole:
+            mod.guard[(NSq,)](q, scale, qbar, u, qassign, kt, vt, beta, gs, po, plse, lam,
+                              G, P, N, fit_off, ps, Lf, ns, CQ=Cq, CK=Ck, BS=BS, num_warps=nw)
+    if "stage2" in phases:
+        mod.stage2[(NSq, Cq)](q, scale, aperm, acount, kt, vt, beta, gs, qbar, u, lam, out, lse,
+                              G, P, N, lv.ans_off, ps, La,
+                              CQ=Cq, CK=Ck, BCQ=BCq, BCK=BCk, BM=pl.bm_stage2, MERGE=merge,
+                              num_warps=8 if (not _interp() and BCk * max(BD, BDV) >= 8192) else nw)
+
+
+def _interp() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p

@@ -1,0 +1,224 @@
+"""From (shapes, dtypes, GQA ratio, causal, policy numbers) to a kernel plan for the Triton MuSe forward.
+
+``plan(...)`` is pure (no tensors, no device): it picks the generated-kernel spec, block sizes, the causal
+level schedule (exact chunk + MuSe levels) and the workspace sizes. ``supports(q, k, v, ...)`` says whether
+the Triton path takes a call, and why not. ``generated_source(plan)`` returns the specialised Triton source.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from muse_compile.lowering.codegen import KernelSpec, _pow2, load, render
+from muse_compile.lowering.schedule import causal_schedule
+
+__all__ = ["KernelPlan", "LevelPlan", "plan", "supports", "generated_source", "describe",
+           "MAX_CLUSTERS", "MAX_HEAD_DIM", "GUARD_SAMPLES", "POWER_ITERS"]
+
+MAX_CLUSTERS = 256          # clusters per set the kernels hold in registers
+MAX_HEAD_DIM = 256
+GUARD_SAMPLES = 32          # must equal kernels.reference.GUARD_SAMPLES
+POWER_ITERS = 6             # must equal kernels.reference.POWER_ITERS
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelPlan:
+    """One acausal MuSe problem batch: P pairs of (fit/key segment, answer segment)."""
+    segment: int          # length of fit and key sets (S; N for the query side of the acausal op)
+    pairs: int            # P
+    fit_len: int          # query-fit set length
+    key_len: int          # key set length
+    ans_len: int          # max answer set length
+    q_clusters: int       # Cq = min(query_clusters, fit_len)
+    k_clusters: int       # Ck = min(key_clusters, key_len)
+    pair_stride: int      # 2S for causal levels, 0 for the acausal op
+    ans_off: int          # S for causal levels (right segments), 0 acausal
+    same: bool            # answer set == fit set (acausal)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    spec: KernelSpec
+    batch: int
+    heads: int
+    kv_heads: int
+    n: int
+    m: int
+    causal: bool
+    kmeans_iters: int
+    has_mask: bool
+    exact_chunk: int                  # causal: exact attention inside aligned chunks of this many tokens
+    levels: Tuple[LevelPlan, ...]     # MuSe problem batches (1 for acausal)
+    bn_kmeans: int
+    bn_stage1: int
+    ba_stage1: int
+    bm_stage2: int
+    bm_exact: int
+    bn_exact: int
+    warps: int
+    workspace_bytes: int
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+    def kernels(self) -> List[str]:
+        """Kernel launches in order (names of the generated functions)."""
+        out = []
+        if self.causal:
+            out.append("exact_causal")
+        for lv in self.levels:
+            out += ["kmeans_pass"] * (2 * (self.kmeans_iters + 1))
+            out += ["scatter_perm", "scatter_perm", "centroid_dir"]
+            if not lv.same:
+                out += ["kmeans_pass", "scatter_perm"]
+            out.append("stage1")
+            if self.spec.dipole:
+                out.append("guard")
+            out.append("stage2")
+        return out
+
+
+def _level_workspace(lv: LevelPlan, Z: int, G: int, iters: int, bd: int, bdv: int, dipole: bool) -> int:
+    P = lv.pairs
+    nsq, nsk = Z * P * G, Z * P
+    f4 = 4
+    b = 0
+    b += (iters + 1) * nsq * lv.q_clusters * (2 * bd + 1) * f4            # mu, sums, counts (queries)
+    b += (iters + 1) * nsk * lv.k_clusters * (2 * bd + 1) * f4            # (keys)
+    b += nsq * lv.fit_len * 3 * f4 + nsk * lv.key_len * 3 * f4             # assign, pos, perm
+    if not lv.same:
+        b += nsq * lv.ans_len * 3 * f4 + nsq * lv.q_clusters * f4
+    b += nsq * lv.q_clusters * 2 * bd * f4                                  # qbar, u
+    A = G * lv.q_clusters
+    b += nsk * A * lv.k_clusters * (bd + bdv * (2 if dipole else 1) + 1) * f4   # summaries
+    if dipole:
+        ns = min(lv.fit_len, GUARD_SAMPLES)
+        b += nsk * G * ns * lv.k_clusters * (bdv + 1) * f4 + nsq * f4
+    return b
+
+
+def plan(*, batch: int, heads: int, kv_heads: int, n: int, m: int, head_dim: int, value_dim: int,
+         dtype: torch.dtype, causal: bool, clusters: int = 128, query_clusters: Optional[int] = None,
+         dipole: bool = True, kmeans_iters: int = 2, block_size: int = 256, has_mask: bool = False,
+         interpret: Optional[bool] = None) -> KernelPlan:
+    """The kernel plan of one call shape (pure function of its arguments)."""
+    return _plan(batch, heads, kv_heads, n, m, head_dim, value_dim, dtype, bool(causal), int(clusters),
+                 None if query_clusters is None else int(query_clusters), bool(dipole), int(kmeans_iters),
+                 int(block_size), bool(has_mask), _interpreting() if interpret is None else bool(interpret))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipole, iters, block_size,
+          has_mask, interpret) -> KernelPlan:
+    G = H // Hkv
+    Z = B * Hkv
+    qc = clusters if query_clusters is None else query_clusters
+    prec = "ieee" if (dtype == torch.float32 or interpret) else "tf32"
+    spec = KernelSpec(head_dim=D, value_dim=Dv, precision=prec, dipole=dipole)
+    levels: List[LevelPlan] = []
+    exact_chunk = 0
+    if not causal:
+        levels.append(LevelPlan(segment=N, pairs=1, fit_len=N, key_len=M, ans_len=N,
+                                q_clusters=min(qc, N), k_clusters=min(clusters, M), pair_stride=0, ans_off=0,
+                                same=True))
+    else:
+        sched = causal_schedule(N, block_size, max(qc, clusters))
+        n_exact = 0
+        while n_exact < len(sched) and sched[n_exact].exact:
+            n_exact += 1
+        if any(lv.exact for lv in sched[n_exact:]):
+            raise AssertionError("exact levels must be the lowest ones")
+        exact_chunk = block_size << n_exact
+        for lv in sched:
+            if lv.exact:
+                continue
+            S = lv.segment
+            P = lv.full_pairs + (1 if lv.tail else 0)
+            levels.append(LevelPlan(segment=S, pairs=P, fit_len=S, key_len=S, ans_len=S,
+                                    q_clusters=min(qc, S), k_clusters=min(clusters, S), pair_stride=2 * S,
+                                    ans_off=S, same=False))
+    bd, bdv = spec.bd, spec.bdv
+    big = max(bd, bdv) >= 128
+    ws = sum(_level_workspace(lv, Z, G, iters, bd, bdv, dipole) for lv in levels)
+    if causal and levels:
+        ws += B * H * N * (Dv + 1) * 4
+    if interpret:
+        bnk, bn1, ba1, bm2, bme, bne, warps = 32, 32, 32, 32, 32, 32, 4
+    else:
+        bnk = 128 if not big else 64
+        bn1 = 64
+        ba1 = 64
+        bm2 = 64
+        bme, bne = (128, 64) if not big else (64, 64)
+        warps = 4
+    return KernelPlan(spec=spec, batch=B, heads=H, kv_heads=Hkv, n=N, m=M, causal=causal, kmeans_iters=iters,
+                      has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
+                      bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps,
+                      workspace_bytes=ws)
+
+
+def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: int = 128,
+             query_clusters: Optional[int] = None, **kw) -> Tuple[bool, str]:
+    """Whether the Triton path takes this call; ``(False, reason)`` names the first obstacle."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return False, f"triton is not importable ({type(e).__name__})"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            return False, f"{name} must be a 4-D tensor"
+    if not q.is_cuda and not _interpreting():
+        return False, f"tensors are on {q.device}, the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    if q.dtype not in _DTYPES:
+        return False, f"dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)"
+    if not (q.dtype == k.dtype == v.dtype):
+        return False, "q, k, v dtypes differ"
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
+        return False, f"head dims {D}/{Dv} exceed {MAX_HEAD_DIM}"
+    qc = clusters if query_clusters is None else query_clusters
+    N, M = q.shape[2], k.shape[2]
+    if min(qc, N) > MAX_CLUSTERS or min(clusters, M) > MAX_CLUSTERS:
+        return False, f"more than {MAX_CLUSTERS} clusters per set (clusters={clusters}, query_clusters={qc})"
+    if q.shape[1] % k.shape[1] != 0:
+        return False, "query heads are not a multiple of key/value heads"
+    if causal and N != M:
+        return False, "causal attention needs N == M"
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or tuple(key_padding_mask.shape) != (q.shape[0], M)):
+        return False, "key_padding_mask must be bool [B, M]"
+    return True, ""
+
+
+def generated_source(p: KernelPlan) -> str:
+    """The specialised Triton source the plan runs."""
+    return render(p.spec)
+
+
+def describe(p: KernelPlan) -> str:
+    """A short human-readable summary of a plan."""
+    lines = [f"MuSe Triton plan: B={p.batch} H={p.heads} Hkv={p.kv_heads} N={p.n} M={p.m} "
+             f"D={p.spec.head_dim} Dv={p.spec.value_dim} causal={p.causal} dipole={p.spec.dipole} "
+             f"precision={p.spec.precision} kmeans_iters={p.kmeans_iters} mask={p.has_mask}"]
+    if p.causal:
+        lines.append(f"  exact causal chunk: {p.exact_chunk}")
+    for lv in p.levels:
+        lines.append(f"  MuSe problem batch: segment={lv.segment} pairs={lv.pairs} Cq={lv.q_clusters} "
+                     f"Ck={lv.k_clusters}")
+    lines.append(f"  launches: {len(p.kernels())}; workspace ≈ {p.workspace_bytes / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+def module_for(p: KernelPlan):
+    """The loaded generated module of a plan."""
+    return load(p.spec)
