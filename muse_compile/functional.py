@@ -121,10 +121,8 @@ def multipole_attention(
     validate_attention_args(q, k, v, causal=causal, scale=scale, clusters=clusters,
                             query_clusters=query_clusters, kmeans_iters=kmeans_iters,
                             block_size=block_size, key_padding_mask=key_padding_mask, impl=impl)
-    from muse_compile.kernels import reference
+    from muse_compile.ops import call_attention
 
-    out, _ = reference.muse_attention(
-        q, k, v, causal=causal, scale=scale, clusters=clusters, query_clusters=query_clusters,
-        dipole=dipole, kmeans_iters=kmeans_iters, block_size=block_size,
-        key_padding_mask=key_padding_mask)
-    return out
+    return call_attention(q, k, v, key_padding_mask, causal=causal, scale=scale, clusters=clusters,
+                          query_clusters=query_clusters, dipole=dipole, kmeans_iters=kmeans_iters,
+                          block_size=block_size, min_context=0, impl=impl)

@@ -1,0 +1,135 @@
+"""The one place that decides which implementation computes an attention call.
+
+``torch.ops.muse.attention`` (and so ``multipole_attention`` and every rewritten graph) ends here:
+
+* key length ``M < min_context`` -> exact attention (the run-time side of the policy threshold, so one
+  graph compiled with ``dynamic=True`` serves lengths on both sides of it);
+* ``impl="reference"`` -> the PyTorch reference (``muse_compile.kernels.reference``);
+* ``impl="triton"`` -> the Triton path (``muse_compile.kernels.triton_muse``); a clear error when it is
+  missing or refuses the shape;
+* ``impl="auto"`` -> Triton on CUDA when the module exists and ``lowering.plan.supports`` accepts the
+  call, otherwise the reference; the reason is kept in :data:`last_choice` and logged at DEBUG level.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention_forward", "attention_backward", "resolve_impl", "last_choice", "TritonUnavailable"]
+
+log = logging.getLogger("muse_compile")
+
+#: (impl name, reason) of the most recent approximate call on this process (for reports and debugging).
+last_choice: Tuple[str, str] = ("", "")
+
+
+class TritonUnavailable(RuntimeError):
+    """``impl="triton"`` was asked for but the Triton path cannot run this call."""
+
+
+def _triton_modules():
+    """(triton_muse module or None, plan module or None, why-not string)."""
+    try:
+        from muse_compile.kernels import triton_muse  # noqa: WPS433 (lazy on purpose)
+    except Exception as e:  # ImportError, or triton itself failing to import
+        return None, None, f"muse_compile.kernels.triton_muse unavailable ({type(e).__name__}: {e})"
+    try:
+        from muse_compile.lowering import plan
+    except Exception as e:
+        return triton_muse, None, f"muse_compile.lowering.plan unavailable ({type(e).__name__}: {e})"
+    return triton_muse, plan, ""
+
+
+def _supports(plan, q, k, v, causal, key_padding_mask) -> Tuple[bool, str]:
+    fn = getattr(plan, "supports", None)
+    if fn is None:
+        return False, "lowering.plan has no supports()"
+    res = fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+    if isinstance(res, tuple):
+        return bool(res[0]), str(res[1]) if len(res) > 1 else ""
+    return bool(res), ""
+
+
+def resolve_impl(q, k, v, *, causal: bool, key_padding_mask: Optional[torch.Tensor], impl: str) -> Tuple[str, str]:
+    """Which implementation runs the approximate path: ``("reference" | "triton", reason)``."""
+    if impl == "reference":
+        return "reference", "impl='reference'"
+    if impl == "triton":
+        mod, plan, why = _triton_modules()
+        if mod is None or plan is None:
+            raise TritonUnavailable(f"impl='triton' requested but {why}")
+        ok, reason = _supports(plan, q, k, v, causal, key_padding_mask)
+        if not ok:
+            raise TritonUnavailable(f"impl='triton' requested but the Triton plan refuses this call: {reason}")
+        return "triton", "impl='triton'"
+    if impl != "auto":
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if not q.is_cuda:
+        return "reference", f"impl='auto' on {q.device.type}: reference"
+    mod, plan, why = _triton_modules()
+    if mod is None or plan is None:
+        return "reference", f"impl='auto': {why}; reference"
+    ok, reason = _supports(plan, q, k, v, causal, key_padding_mask)
+    if not ok:
+        return "reference", f"impl='auto': Triton plan refuses ({reason}); reference"
+    return "triton", "impl='auto': Triton"
+
+
+def exact(q, k, v, *, causal, scale, key_padding_mask):
+    """Exact softmax attention (differentiable). Fully masked query rows give zeros, as the reference."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if key_padding_mask is None:
+        kw = {"enable_gqa": True} if H != Hkv else {}
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **kw)
+    from muse_compile.kernels import reference
+    return reference.exact_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+
+
+def attention_forward(q, k, v, key_padding_mask, *, causal, scale, clusters, query_clusters, dipole,
+                      kmeans_iters, block_size, min_context, impl, _for_backward=False):
+    """The forward of ``torch.ops.muse.attention``: exact below ``min_context``, else MuSe by ``impl``."""
+    global last_choice
+    if k.shape[2] < min_context:
+        return exact(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+    kwargs = dict(causal=causal, scale=scale, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
+                  kmeans_iters=kmeans_iters, block_size=block_size, key_padding_mask=key_padding_mask)
+    name, reason = resolve_impl(q, k, v, causal=causal, key_padding_mask=key_padding_mask, impl=impl)
+    if last_choice != (name, reason):
+        log.debug("muse attention impl: %s (%s)", name, reason)
+    last_choice = (name, reason)
+    if name == "triton" and not _for_backward:
+        mod, _, _ = _triton_modules()
+        out, _ = mod.muse_attention(q, k, v, **kwargs)
+        return out
+    from muse_compile.kernels import reference
+    out, _ = reference.muse_attention(q, k, v, **kwargs)
+    return out
+
+
+def attention_backward(grad, q, k, v, key_padding_mask, **params):
+    """Gradients ``(dq, dk, dv)`` of :func:`attention_forward`.
+
+    Uses the Triton backward when the Triton module provides ``muse_attention_backward`` and the forward
+    ran there; otherwise recomputes the forward with the (differentiable) reference under
+    ``torch.enable_grad()`` and differentiates it.
+    """
+    min_context, impl = params["min_context"], params["impl"]
+    if k.shape[2] >= min_context:
+        name, _ = resolve_impl(q, k, v, causal=params["causal"], key_padding_mask=key_padding_mask, impl=impl)
+        if name == "triton":
+            mod, _, _ = _triton_modules()
+            bwd = getattr(mod, "muse_attention_backward", None)
+            if bwd is not None:
+                kw = {k_: v_ for k_, v_ in params.items() if k_ not in ("min_context", "impl")}
+                return bwd(grad, q, k, v, key_padding_mask=key_padding_mask, **kw)
+    from ._compat import autograd_inside_op
+    with autograd_inside_op():
+        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = attention_forward(qd, kd, vd, key_padding_mask, _for_backward=True, **params)
+        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), grad, allow_unused=True)
+    zeros = lambda t: torch.zeros_like(t)  # noqa: E731
+    return (dq if dq is not None else zeros(q), dk if dk is not None else zeros(k),
+            dv if dv is not None else zeros(v))
