@@ -42,7 +42,9 @@ class _Block(nn.Module):
     def forward(self, x, cos, sin):
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        # RoPE in the tables' dtype, then back to v's dtype: under bf16 autocast q/k/v reach attention
+        # in one dtype (a custom attention op, unlike SDPA, does not cast for autocast). No-op in fp32.
+        q, k = _rope(q, cos, sin).to(v.dtype), _rope(k, cos, sin).to(v.dtype)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp(self.ln2(x))
