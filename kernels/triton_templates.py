@@ -242,30 +242,30 @@ def stage1(K, V, qbar, u, permk, cntk, Q, scale_q, kt_out, vt_out, beta_out, g_o
         qrow = (z * G + gq).to(tl.int64) * N_TOT + Q_OFF + p * Q_PSTRIDE + pos
         qsm = tl.load(Q + qrow[:, None] * $D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
                       other=0.0).to(tl.float32) * scale_q
-        m = tl.full([BS], float("-inf"), tl.float32)
-        l = tl.zeros([BS], dtype=tl.float32)
-        acc = tl.zeros([BS, $BDV], dtype=tl.float32)
+        s_m = tl.full([BS], float("-inf"), tl.float32)
+        s_l = tl.zeros([BS], dtype=tl.float32)
+        s_acc = tl.zeros([BS, $BDV], dtype=tl.float32)
         for t in range(0, n_j, BN):
-            offs = t + tl.arange(0, BN)
-            msk = offs < n_j
-            idx = tl.load(permk + pbase + offs, mask=msk, other=0)
-            kc = tl.load(K + (krow0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
+            s_offs = t + tl.arange(0, BN)
+            s_msk = s_offs < n_j
+            s_idx = tl.load(permk + pbase + s_offs, mask=s_msk, other=0)
+            s_kc = tl.load(K + (krow0 + s_idx)[:, None] * $D + offs_d[None, :], mask=s_msk[:, None] & dmask[None, :],
                          other=0.0).to(tl.float32)
-            vc = tl.load(V + (krow0 + idx)[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
+            s_vc = tl.load(V + (krow0 + s_idx)[:, None] * $DV + offs_v[None, :], mask=s_msk[:, None] & vmask[None, :],
                          other=0.0).to(tl.float32)
-            sc = tl.dot(qsm, tl.trans(kc), input_precision="$PREC")
-            sc = tl.where(msk[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, 1))
-            alpha = tl.exp(m - m_new)
-            w = tl.exp(sc - m_new[:, None])
-            l = l * alpha + tl.sum(w, 1)
-            acc = acc * alpha[:, None] + tl.dot(w, vc, input_precision="$PREC")
-            m = m_new
-        ne = l > 0
-        inv = tl.where(ne, 1.0 / tl.where(ne, l, 1.0), 0.0)
+            s_sc = tl.dot(qsm, tl.trans(s_kc), input_precision="$PREC")
+            s_sc = tl.where(s_msk[None, :], s_sc, float("-inf"))
+            s_m_new = tl.maximum(s_m, tl.max(s_sc, 1))
+            s_alpha = tl.exp(s_m - s_m_new)
+            s_w = tl.exp(s_sc - s_m_new[:, None])
+            s_l = s_l * s_alpha + tl.sum(s_w, 1)
+            s_acc = s_acc * s_alpha[:, None] + tl.dot(s_w, s_vc, input_precision="$PREC")
+            s_m = s_m_new
+        s_ne = s_l > 0
+        s_inv = tl.where(s_ne, 1.0 / tl.where(s_ne, s_l, 1.0), 0.0)
         prow = (zp.to(tl.int64) * G * NSAMP + offs_r) * CK + j
-        tl.store(po_out + prow[:, None] * $BDV + offs_v[None, :], acc * inv[:, None], mask=rmask[:, None])
-        tl.store(plse_out + prow, tl.where(ne, m + tl.log(tl.where(ne, l, 1.0)), float("-inf")), mask=rmask)
+        tl.store(po_out + prow[:, None] * $BDV + offs_v[None, :], s_acc * s_inv[:, None], mask=rmask[:, None])
+        tl.store(plse_out + prow, tl.where(s_ne, s_m + tl.log(tl.where(s_ne, s_l, 1.0)), float("-inf")), mask=rmask)
 
 
 @triton.jit
