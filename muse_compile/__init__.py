@@ -15,9 +15,11 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
 from .policy import Policy, current_policy, policy  # noqa: E402
 from .functional import multipole_attention  # noqa: E402
 from .metrics import relative_squared_error, attention_error  # noqa: E402
+from .report import Report, Site, inspect  # noqa: E402
+from .compiler import optimize, MusePass  # noqa: E402
 
 __all__ = [
     "Policy", "policy", "current_policy", "multipole_attention", "relative_squared_error",
-    "attention_error",
+    "attention_error", "optimize", "inspect", "Report", "Site", "MusePass",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,128 @@
+"""What the pass found and did: :class:`Site`, :class:`GraphRecord`, :class:`Report`, ``inspect``.
+
+Every compiled graph leaves a :class:`GraphRecord` (its sites, and the graph code before and after the
+rewrite) on the backend that compiled it; :func:`inspect` runs a model once and collects the records of the
+policy in force. The same events go to ``logging.getLogger("muse_compile")`` (INFO per site).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = ["Site", "GraphPair", "Report", "inspect"]
+
+
+def _fmt_shape(s) -> Optional[Tuple]:
+    if s is None:
+        return None
+    return tuple(x if isinstance(x, int) else str(x) for x in s)
+
+
+@dataclasses.dataclass
+class Site:
+    """One attention site of a compiled graph and the policy's decision on it."""
+
+    kind: str                 # "sdpa", "matmul-softmax-matmul", "bmm-softmax-bmm", "einsum-softmax-einsum",
+                              # "multihead-attention", or "softmax" (a softmax that is not attention)
+    location: str             # module path and source line
+    q_shape: Optional[Tuple]  # [B, H, N, D] as seen by the op (symbolic sizes as strings)
+    kv_shape: Optional[Tuple]  # [B, Hkv, M, Dv]
+    causal: bool
+    decision: str             # "rewritten" or "kept"
+    reason: str
+    key_padding: bool = False  # a key-padding mask is passed to the op
+    graph: int = 0             # index of the graph in Report.graphs
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["q_shape"] = list(self.q_shape) if self.q_shape is not None else None
+        d["kv_shape"] = list(self.kv_shape) if self.kv_shape is not None else None
+        return d
+
+
+@dataclasses.dataclass
+class GraphPair:
+    """Readable code of one FX graph before and after the rewrite (``GraphModule.print_readable``)."""
+
+    before: str
+    after: str
+
+
+@dataclasses.dataclass
+class Report:
+    sites: List[Site] = dataclasses.field(default_factory=list)
+    graphs: List[GraphPair] = dataclasses.field(default_factory=list)
+    policy: Any = None
+
+    @property
+    def rewritten(self) -> List[Site]:
+        return [s for s in self.sites if s.decision == "rewritten"]
+
+    @property
+    def kept(self) -> List[Site]:
+        return [s for s in self.sites if s.decision == "kept"]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "policy": dataclasses.asdict(self.policy) if dataclasses.is_dataclass(self.policy) else self.policy,
+            "sites": [s.to_dict() for s in self.sites],
+            "graphs": [dataclasses.asdict(g) for g in self.graphs],
+        }
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def __str__(self) -> str:
+        head = ("#", "kind", "location", "q [B,H,N,D]", "kv [B,Hkv,M,Dv]", "causal", "decision", "reason")
+        rows = [head]
+        for i, s in enumerate(self.sites):
+            rows.append((str(i), s.kind, s.location, _shape_str(s.q_shape), _shape_str(s.kv_shape),
+                         "yes" if s.causal else "no", s.decision, s.reason + (" [key padding]" if s.key_padding else "")))
+        widths = [min(max(len(r[c]) for r in rows), 60 if c == 2 else 200) for c in range(len(head))]
+        lines = []
+        title = f"muse_compile report: {len(self.rewritten)} rewritten, {len(self.kept)} kept, {len(self.graphs)} graph(s)"
+        if self.policy is not None:
+            title += f"\npolicy: {self.policy}"
+        lines.append(title)
+        for j, r in enumerate(rows):
+            cells = [(r[c] if len(r[c]) <= widths[c] else r[c][: widths[c] - 1] + "…").ljust(widths[c])
+                     for c in range(len(head))]
+            lines.append("  ".join(cells).rstrip())
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:  # keep notebooks readable
+        return f"Report({len(self.rewritten)} rewritten, {len(self.kept)} kept, {len(self.graphs)} graph(s))"
+
+
+def _shape_str(s) -> str:
+    if s is None:
+        return "-"
+    return "[" + ",".join(str(x) for x in s) + "]"
+
+
+def inspect(model, *args, **kwargs) -> Report:
+    """Run ``model`` (optimized by :func:`muse_compile.optimize`, or plain) once on the example inputs and
+    report which attention sites were rewritten under the policy in force, and why.
+
+    A plain module is optimized for the call (with the policy in force; the inner backend only runs the
+    rewritten graph eagerly, nothing is generated), so ``inspect`` is cheap and does not change ``model``.
+    """
+    from .compiler import MuseModule, optimize
+    from .policy import current_policy
+
+    target = model if isinstance(model, MuseModule) else optimize(model, backend="eager")
+    pol = target.active_policy()
+    entry = target._entry(pol)
+    start = len(entry.backend.records)
+    target(*args, **kwargs)
+    records = entry.backend.records[start:] or entry.backend.records
+    rep = Report(policy=pol if pol is not None else current_policy())
+    for rec in records:
+        gi = len(rep.graphs)
+        rep.graphs.append(GraphPair(rec.before, rec.after))
+        for s in rec.sites:
+            rep.sites.append(dataclasses.replace(s, graph=gi))
+    return rep
