@@ -258,7 +258,7 @@ def _sdpa(gm: fx.GraphModule, n: fx.Node) -> Candidate:
         kx, vx = k, v
     H = qs[-3] if len(qs) == 4 else qs[0]
     Hk = _shape(kx)[-3] if len(qs) == 4 else ks[0]
-    if not _same(H, Hk) and not a.get("enable_gqa", False):
+    if g == 1 and not _same(H, Hk) and not a.get("enable_gqa", False):
         return c.fail(f"q has {H} heads, k/v {Hk} without enable_gqa")
     c.q, c.k, c.v = (q, pre), (kx, pre), (vx, pre)
     c.out_tf = [("squeeze", 0)] if len(qs) == 3 else []

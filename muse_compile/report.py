@@ -107,20 +107,26 @@ def inspect(model, *args, **kwargs) -> Report:
     """Run ``model`` (optimized by :func:`muse_compile.optimize`, or plain) once on the example inputs and
     report which attention sites were rewritten under the policy in force, and why.
 
-    A plain module is optimized for the call (with the policy in force; the inner backend only runs the
-    rewritten graph eagerly, nothing is generated), so ``inspect`` is cheap and does not change ``model``.
+    Each call traces the model afresh with Dynamo under the policy in force (or the one pinned by
+    ``optimize``) and runs the rewritten graph eagerly (no code generation), so the report shows exactly the
+    graphs of this call and the optimized model's compiled cache is left untouched.
     """
-    from .compiler import MuseModule, optimize
+    from .compiler import MuseBackend, MuseModule, _fresh_entry_fn
     from .policy import current_policy
 
-    target = model if isinstance(model, MuseModule) else optimize(model, backend="eager")
-    pol = target.active_policy()
-    entry = target._entry(pol)
-    start = len(entry.backend.records)
-    target(*args, **kwargs)
-    records = entry.backend.records[start:] or entry.backend.records
-    rep = Report(policy=pol if pol is not None else current_policy())
-    for rec in records:
+    import torch
+    from . import _compat
+
+    if isinstance(model, MuseModule):
+        pol, inner_model, kw = model.active_policy(), model._orig_mod, dict(model._compile_kwargs)
+    else:
+        pol, inner_model, kw = current_policy(), model, {}
+    backend = MuseBackend(pol, "eager")  # a fresh trace, so the report shows exactly this call's graphs
+    fn = torch.compile(_fresh_entry_fn(), backend=backend, **kw)
+    with _compat.fastpath_disabled():
+        fn(inner_model, *args, **kwargs)
+    rep = Report(policy=pol)
+    for rec in backend.records:
         gi = len(rep.graphs)
         rep.graphs.append(GraphPair(rec.before, rec.after))
         for s in rec.sites:
