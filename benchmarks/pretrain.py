@@ -315,21 +315,45 @@ def permissive_sdpa(device: torch.device):
     return sdpa_kernel(order)
 
 
+def _compile_kwargs(args) -> dict:
+    kw = {"mode": args.compile_mode} if args.compile_mode else {}
+    if args.compile != "inductor":
+        kw["backend"] = args.compile
+    return kw
+
+
 def build_exact(model: nn.Module, args) -> Tuple[nn.Module, str]:
     if args.compile == "none":
         return model, "eager"
-    kw = {"mode": args.compile_mode} if args.compile_mode else {}
-    return torch.compile(model, **kw), "torch.compile" + (f"(mode={args.compile_mode})" if kw else "")
+    kw = _compile_kwargs(args)
+    return torch.compile(model, **kw), "torch.compile" + (f"({kw})" if kw else "")
 
 
 def build_muse(model: nn.Module, pol: "mc.Policy", args) -> Tuple[nn.Module, str, Optional[EagerMuseAttention]]:
     if args.compile == "none":
         return model, "eager + multipole_attention (TorchFunctionMode)", EagerMuseAttention(pol)
-    kw = {"mode": args.compile_mode} if args.compile_mode else {}
+    kw = _compile_kwargs(args)
     if hasattr(mc, "optimize"):
-        return mc.optimize(model, policy=pol, **kw), "mc.optimize", None
-    import muse_compile.compiler  # noqa: F401  (registers the "muse" backend, if it exists yet)
+        return mc.optimize(model, policy=pol, **kw), "mc.optimize" + (f"({kw})" if kw else ""), None
+    if "backend" in kw:
+        raise SystemExit(f"--compile {args.compile} needs mc.optimize, which this checkout lacks")
+    import muse_compile.compiler  # noqa: F401  (registers the "muse" backend)
     return torch.compile(model, backend="muse", **kw), 'torch.compile(backend="muse")', None
+
+
+def rewritten_sites(run_model) -> Optional[dict]:
+    """Sites per decision recorded by the pass of an ``mc.optimize`` module (best effort; None if unknown)."""
+    try:
+        counts: Dict[str, int] = {}
+        reasons = set()
+        for e in run_model._entries.values():
+            for rec in e.backend.records:
+                for st in rec.sites:
+                    counts[st.decision] = counts.get(st.decision, 0) + 1
+                    reasons.add(f"{st.decision}: {st.reason}")
+        return {"counts": counts, "reasons": sorted(reasons)}
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def policy_from_args(args) -> "mc.Policy":
@@ -548,8 +572,16 @@ def train_run(name: str, init_state: dict, cfg: GPTConfig, corpus: Corpus, train
             res["sites_kept_calls"] = mode.kept
         if dispatch is not None:
             res["muse_impl"] = list(dispatch.last_choice)
+        sites = rewritten_sites(run_model)
+        if sites is not None:
+            res["sites"] = sites
         res["muse_ran"] = bool((mode is not None and mode.rewritten > 0)
                                or (dispatch is not None and dispatch.last_choice[0] != ""))
+    try:  # compile diagnostics: a recompile in the middle of a run would distort the timings
+        from torch._dynamo.utils import counters
+        res["dynamo_counters_cumulative"] = {k: dict(counters[k]) for k in ("stats", "recompiles") if k in counters}
+    except Exception:  # noqa: BLE001
+        pass
     res["_model"] = (run_model, env)
     return res
 
@@ -600,6 +632,15 @@ def summarize(results: dict) -> Tuple[dict, str]:
         f"{r['random_tokens']['loss']:.3f} {'pass' if r['random_tokens']['passed'] else '**FAIL**'}")
         if "random_tokens" in r else "n/a")
     if mu:
+        def _sites(r):
+            if r is not mu:
+                return ""
+            if r.get("sites"):
+                return ", ".join(f"{k} {v}" for k, v in sorted(r["sites"]["counts"].items()))
+            if "sites_rewritten_calls" in r:
+                return f"{r['sites_rewritten_calls']} calls rewritten, {r['sites_kept_calls']} kept"
+            return "unknown"
+        row("attention sites (MuSe pass)", _sites)
         row("MuSe implementation", lambda r: (" / ".join(r["muse_impl"]) if r.get("muse_impl") else "")
             if r is mu else "")
     lines.append("")
@@ -682,8 +723,10 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", help="auto, cuda, cpu, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--compile", default="inductor", choices=["inductor", "none"],
-                   help="none: eager exact, and MuSe through the functional op routed in (fast CPU smoke)")
+    g.add_argument("--compile", default="inductor", choices=["inductor", "aot_eager", "none"],
+                   help="inductor: torch.compile / mc.optimize (the benchmark); aot_eager: the same graphs and "
+                        "MuSe pass without Inductor codegen (quick CPU check); none: eager exact, and MuSe "
+                        "through the functional op routed in")
     g.add_argument("--compile-mode", default=None, help="torch.compile mode for both runs")
     g.add_argument("--max-run-seconds", type=float, default=None,
                    help="stop a run at the next eval point after this wall time (validation stays comparable)")
