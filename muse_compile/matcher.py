@@ -130,6 +130,19 @@ def _scalar(x: Any) -> Optional[float]:
     return None
 
 
+def _symscalar(x: Any) -> Optional[float]:
+    """Example value of a graph node holding a symbolic Python scalar (SymInt/SymFloat), else None."""
+    if not isinstance(x, fx.Node):
+        return None
+    ex = _compat.node_example(x)
+    if isinstance(ex, (torch.SymInt, torch.SymFloat)):
+        try:
+            return float(_compat.size_hint(ex))
+        except Exception:
+            return None
+    return None
+
+
 def _users(n: fx.Node) -> List[fx.Node]:
     return list(n.users)
 
@@ -358,6 +371,8 @@ def _handwritten(gm: fx.GraphModule, sm: fx.Node) -> Candidate:
     # ---- walk up to q @ kᵀ
     comps: List[MaskComponent] = []
     factor = 1.0
+    sym: List[Tuple[str, fx.Node]] = []   # symbolic scalar scales (e.g. 1/sqrt(d) of a dynamic d): folded into q
+    check_factor = 1.0                     # their example values, for the mask-strength checks only
     cur = inp
     chain = []
     while True:
@@ -382,6 +397,16 @@ def _handwritten(gm: fx.GraphModule, sm: fx.Node) -> Candidate:
                 factor *= sx
                 cur = y
                 continue
+            if _symscalar(y) is not None and isinstance(x, fx.Node):
+                sym.append(("mul", y))
+                check_factor *= _symscalar(y)
+                cur = x
+                continue
+            if _symscalar(x) is not None and isinstance(y, fx.Node):
+                sym.append(("mul", x))
+                check_factor *= _symscalar(x)
+                cur = y
+                continue
             return c.fail(_why_not_attention(cur, "multiplication by a tensor between q@kᵀ and softmax"))
         if _is_call(cur, _DIV_FNS, ("div", "__truediv__")):
             x, y = cur.args[0], cur.args[1]
@@ -390,12 +415,17 @@ def _handwritten(gm: fx.GraphModule, sm: fx.Node) -> Candidate:
                 factor /= sy
                 cur = x
                 continue
+            if _symscalar(y) and isinstance(x, fx.Node) and not cur.kwargs.get("rounding_mode"):
+                sym.append(("div", y))
+                check_factor /= _symscalar(y)
+                cur = x
+                continue
             return c.fail(_why_not_attention(cur, "division by a tensor between q@kᵀ and softmax"))
         if _is_call(cur, (torch.masked_fill,), ("masked_fill",)):
             x, m = cur.args[0], cur.args[1]
             val = cur.args[2] if len(cur.args) > 2 else cur.kwargs.get("value")
             comps.append(MaskComponent(m, "drop", fill=_scalar(val),
-                                       fill_node=val if isinstance(val, fx.Node) else None, factor=factor))
+                                       fill_node=val if isinstance(val, fx.Node) else None, factor=factor * check_factor))
             cur = x
             continue
         if _is_call(cur, (torch.where,), ("where",)):
@@ -408,12 +438,12 @@ def _handwritten(gm: fx.GraphModule, sm: fx.Node) -> Candidate:
             a_chain, b_chain = _on_chain(a_), _on_chain(b_)
             if a_chain and not b_chain:
                 comps.append(MaskComponent(cond_, "keep", fill=_scalar(b_),
-                                           fill_node=b_ if isinstance(b_, fx.Node) else None, factor=factor))
+                                           fill_node=b_ if isinstance(b_, fx.Node) else None, factor=factor * check_factor))
                 cur = a_
                 continue
             if b_chain and not a_chain:
                 comps.append(MaskComponent(cond_, "drop", fill=_scalar(a_),
-                                           fill_node=a_ if isinstance(a_, fx.Node) else None, factor=factor))
+                                           fill_node=a_ if isinstance(a_, fx.Node) else None, factor=factor * check_factor))
                 cur = b_
                 continue
             return c.fail("torch.where between q@kᵀ and softmax mixes two score tensors")
@@ -427,7 +457,7 @@ def _handwritten(gm: fx.GraphModule, sm: fx.Node) -> Candidate:
                     cur = x if isinstance(x, fx.Node) else y
                     continue
                 return c.fail("score modification (sum of two score-like tensors) between q@kᵀ and softmax")
-            comps.append(MaskComponent(y if xc else x, "add", factor=factor))
+            comps.append(MaskComponent(y if xc else x, "add", factor=factor * check_factor))
             cur = x if xc else y
             continue
         return c.fail(_why_not_attention(cur, None))
@@ -507,7 +537,7 @@ def _handwritten(gm: fx.GraphModule, sm: fx.Node) -> Candidate:
     vb, vg = (vn, 1) if vtf else _unrepeat(vn)
     if kg != vg or kg == 1:
         kb, vb = kn, vn
-    c.q = (qn, qtf + pre)
+    c.q = (qn, qtf + pre + [tuple(sf) for sf in sym])
     c.k = (kb, ktf + pre)
     c.v = (vb, vtf + pre)
     if nb == 1:
@@ -517,7 +547,7 @@ def _handwritten(gm: fx.GraphModule, sm: fx.Node) -> Candidate:
         c.out_tf.append(("to", out_dtype))
     if not (_dtype(qn) == _dtype(kn) == _dtype(vn)):
         return c.fail(f"q/k/v dtypes differ ({_dtype(qn)}, {_dtype(kn)}, {_dtype(vn)})")
-    if factor <= 0:
+    if factor <= 0 or check_factor <= 0:
         return c.fail(f"non-positive logit scale {factor}")
     c.scale = float(factor)
     c.masks = comps
