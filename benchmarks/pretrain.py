@@ -671,10 +671,11 @@ def plot(results: dict, path: str, log) -> bool:
             ema = 0.9 * ema + 0.1 * v if math.isfinite(v) else v
             sm.append(ema)
         x = [(i + 1) * tok / 1e6 for i in range(len(y))]
-        axes[0].plot(x, y, alpha=0.25, lw=0.8)
-        axes[0].plot(x, sm, label=f"{name} train (EMA)", color=axes[0].lines[-1].get_color())
-        axes[0].plot([e["tokens"] / 1e6 for e in r["val"]], [e["val_loss"] for e in r["val"]], "o--",
-                     label=f"{name} val")
+        color = "tab:blue" if name == "exact" else "tab:red"
+        axes[0].plot(x, y, alpha=0.2, lw=0.8, color=color)
+        axes[0].plot(x, sm, label=f"{name} train (EMA 0.9)", color=color, ls="-" if name == "exact" else "--")
+        axes[0].plot([e["tokens"] / 1e6 for e in r["val"]], [e["val_loss"] for e in r["val"]], "o:",
+                     label=f"{name} val", color=color, mfc="none" if name == "muse" else color)
     axes[0].set_xlabel("tokens (M)")
     axes[0].set_ylabel("loss (nats / byte)")
     axes[0].set_title(f"context {cfg['context']}")
@@ -717,7 +718,7 @@ def parse_args(argv=None):
     g.add_argument("--batch", type=int, default=4)
     g.add_argument("--steps", type=int, default=600)
     g.add_argument("--warmup-steps", type=int, default=10, help="steps left out of the timing median")
-    g.add_argument("--eval-every", type=int, default=100)
+    g.add_argument("--eval-every", type=int, default=50)
     g.add_argument("--val-batches", type=int, default=4, help="validation batches (of --batch windows each)")
     g.add_argument("--runs", default="exact,muse", help="comma list from exact, muse")
     g.add_argument("--device", default="auto", help="auto, cuda, cpu, cuda:1, ...")
@@ -731,6 +732,7 @@ def parse_args(argv=None):
     g.add_argument("--max-run-seconds", type=float, default=None,
                    help="stop a run at the next eval point after this wall time (validation stays comparable)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (1 on a shared machine)")
     g.add_argument("--out", default="pretrain_out")
     g.add_argument("--no-fail", action="store_true", help="exit 0 even when a stability check fails")
     g = ap.add_argument_group("model (GPT of muse_compile.models)")
@@ -760,6 +762,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args) -> dict:
     t_all = time.perf_counter()
 
     def log(msg):

@@ -17,6 +17,15 @@ from muse_compile.models import GPT, GPTConfig
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "pretrain.py")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, contended OpenMP threads make tiny steps ~20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def P():
     spec = importlib.util.spec_from_file_location("pretrain_bench", _PATH)
@@ -120,7 +129,7 @@ def test_random_token_check(P):
 
 _TOY = ["--device", "cpu", "--corpus", "stdlib", "--context", "256", "--layers", "1", "--width", "64", "--heads", "2",
         "--batch", "2", "--eval-every", "2", "--val-batches", "1", "--warmup-steps", "1", "--lr-warmup", "2",
-        "--clusters", "4", "--block-size", "64"]
+        "--clusters", "4", "--block-size", "64", "--threads", "1"]
 
 
 @pytest.mark.parametrize("compile_", ["aot_eager"])
