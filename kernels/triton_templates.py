@@ -25,16 +25,18 @@ import triton.language as tl
 
 @triton.jit
 def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums_out, cnt_out,
-                assign_out, pos_out, valid_ptr,
-                GS, P, LEN_TOT, OFF, PSTRIDE, L, HKV,
-                C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
+                assign_out, pos_out, pbase_out, valid_ptr,
+                GS, P, LEN_TOT, OFF, PSTRIDE, L, HKV, TSTRIDE, NPROG,
+                C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, MODE: tl.constexpr,
                 INIT_IDX: tl.constexpr, HAS_VALID: tl.constexpr, SUMS: tl.constexpr, FINAL: tl.constexpr):
-    """One Lloyd pass over a chunk of BN tokens of one vector set.
+    """One Lloyd pass over TILES·BN tokens (every TSTRIDE-th token of the set) of one vector set.
 
     MODE 0: centroids are the evenly spaced initial tokens; 1: centroids from the previous pass's sums and
     counts (an empty cluster keeps its centroid); 2: centroids given in mu_prev. Every pass assigns its tokens
-    (nearest centroid = argmax x·mu − |mu|²/2, ties to the lowest index) and adds its counts (and sums when
-    SUMS) with atomics; FINAL passes also write the assignment and each token's position inside its cluster.
+    (nearest centroid = argmax x·mu − |mu|²/2, ties to the lowest index), sums them per cluster in registers
+    (one-hot GEMM) and adds counts (and sums when SUMS) with one atomic flush per program; FINAL passes also
+    write the assignment, each token's position among this program's tokens of its cluster, and this
+    program's base offset per cluster (the scatter adds them).
     """
     s = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -44,6 +46,7 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
     p = zp % P
     start_tok = OFF + p * PSTRIDE
     Lp = tl.minimum(L, LEN_TOT - start_tok)
+    Ls = (Lp + TSTRIDE - 1) // TSTRIDE
     row0 = (z * GS + g).to(tl.int64) * LEN_TOT + start_tok
     offs_c = tl.arange(0, BC)
     cmask = offs_c < C
@@ -70,49 +73,59 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
             tl.store(mu_out + wptr, mu, mask=cmask[:, None])
     else:
         mu = tl.load(mu_prev + wptr, mask=cmask[:, None], other=0.0)
-
-    offs_n = chunk * BN + tl.arange(0, BN)
-    nmask = offs_n < Lp
-    x = tl.load(X + (row0 + offs_n)[:, None] * $D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
-                other=0.0).to(tl.float32) * scale_x
     half = 0.5 * tl.sum(mu * mu, 1)
-    sc = tl.dot(x, tl.trans(mu), input_precision="$PREC") - half[None, :]
-    sc = tl.where(cmask[None, :], sc, float("-inf"))
-    a = tl.argmax(sc, 1, tie_break_left=True).to(tl.int32)
-    ok = nmask
-    if HAS_VALID:
-        b = z // HKV
-        vv = tl.load(valid_ptr + b.to(tl.int64) * LEN_TOT + start_tok + offs_n, mask=nmask, other=0)
-        ok = ok & (vv != 0)
-        a = tl.where(ok, a, C)
-    onehot = (a[:, None] == offs_c[None, :]) & ok[:, None]
-    oh = onehot.to(tl.float32)
+    mut = tl.trans(mu)
     if SUMS:
-        psum = tl.dot(tl.trans(oh), x, input_precision="$PREC")
+        psum = tl.zeros([BC, $BD], dtype=tl.float32)
+    pcnt = tl.zeros([BC], dtype=tl.int32)
+    abase = s.to(tl.int64) * L
+    for ti in tl.static_range(TILES):
+        offs_n = (chunk * TILES + ti) * BN + tl.arange(0, BN)
+        nmask = offs_n < Ls
+        tok = offs_n * TSTRIDE
+        x = tl.load(X + (row0 + tok)[:, None] * $D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32) * scale_x
+        sc = tl.dot(x, mut, input_precision="$PREC") - half[None, :]
+        sc = tl.where(cmask[None, :], sc, float("-inf"))
+        a = tl.argmax(sc, 1, tie_break_left=True).to(tl.int32)
+        ok = nmask
+        if HAS_VALID:
+            b = z // HKV
+            vv = tl.load(valid_ptr + b.to(tl.int64) * LEN_TOT + start_tok + tok, mask=nmask, other=0)
+            ok = ok & (vv != 0)
+            a = tl.where(ok, a, C)
+        onehot = (a[:, None] == offs_c[None, :]) & ok[:, None]
+        if SUMS:
+            psum += tl.dot(tl.trans(onehot.to(tl.float32)), x, input_precision="$PREC")
+        oi = onehot.to(tl.int32)
+        if FINAL:
+            cum = tl.cumsum(oi, 0)
+            rank = tl.sum(tl.where(onehot, cum + pcnt[None, :], 0), 1) - 1
+            tl.store(assign_out + abase + offs_n, a, mask=nmask)
+            tl.store(pos_out + abase + offs_n, rank, mask=nmask)
+        pcnt += tl.sum(oi, 0)
+    if SUMS:
         tl.atomic_add(sums_out + wptr, psum, mask=cmask[:, None])
-    pcnt = tl.sum(onehot.to(tl.int32), 0)
     base = tl.atomic_add(cnt_out + wbase + offs_c, pcnt, mask=cmask)
     if FINAL:
-        cum = tl.cumsum(onehot.to(tl.int32), 0)
-        rank = tl.sum(tl.where(onehot, cum, 0), 1) - 1
-        pos = tl.sum(tl.where(onehot, base[None, :], 0), 1) + rank
-        abase = s.to(tl.int64) * L
-        tl.store(assign_out + abase + offs_n, a, mask=nmask)
-        tl.store(pos_out + abase + offs_n, pos, mask=nmask)
+        tl.store(pbase_out + (s.to(tl.int64) * NPROG + chunk) * C + offs_c, base, mask=cmask)
 
 
 @triton.jit
-def scatter_perm(cnt, assign, pos, perm, GS, P, LEN_TOT, OFF, PSTRIDE, L,
+def scatter_perm(cnt, assign, pos, pbase, perm, GS, P, LEN_TOT, OFF, PSTRIDE, L, NPROG, TPP,
                  C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
-    """Counting-sort scatter: perm[s, start(cluster) + position inside cluster] = token index."""
+    """Counting-sort scatter: perm[s, start(cluster) + program base + position] = token index."""
     s = tl.program_id(0)
     chunk = tl.program_id(1)
     zp = s // GS
     p = zp % P
     Lp = tl.minimum(L, LEN_TOT - (OFF + p * PSTRIDE))
     offs_c = tl.arange(0, BC)
-    cn = tl.load(cnt + s.to(tl.int64) * C + offs_c, mask=offs_c < C, other=0)
-    start = tl.cumsum(cn, 0) - cn
+    cmask = offs_c < C
+    cn = tl.load(cnt + s.to(tl.int64) * C + offs_c, mask=cmask, other=0)
+    prog = (chunk * BN) // TPP
+    pb = tl.load(pbase + (s.to(tl.int64) * NPROG + prog) * C + offs_c, mask=cmask, other=0)
+    start = tl.cumsum(cn, 0) - cn + pb
     offs_n = chunk * BN + tl.arange(0, BN)
     nmask = offs_n < Lp
     abase = s.to(tl.int64) * L

@@ -61,6 +61,8 @@ class KernelPlan:
     bm_exact: int
     bn_exact: int
     warps: int
+    warps_kmeans: int
+    warps_stage: int
     workspace_bytes: int
 
     @property
@@ -153,17 +155,17 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
     if causal and levels:
         ws += B * H * N * (Dv + 1) * 4
     if interpret:
-        bnk, bn1, ba1, bm2, bme, bne, warps = 32, 32, 32, 32, 32, 32, 4
+        bnk, bn1, ba1, bm2, bme, bne, warps, wk, wst = 32, 32, 32, 32, 32, 32, 4, 4, 4
     else:
         bnk = 128 if not big else 64
         bn1 = 64
         ba1 = 64
         bm2 = 64
         bme, bne = (128, 64) if not big else (64, 64)
-        warps = 4
+        warps, wk, wst = 4, 8, 8
     return KernelPlan(spec=spec, batch=B, heads=H, kv_heads=Hkv, n=N, m=M, causal=causal, kmeans_iters=iters,
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
-                      bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps,
+                      bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
                       workspace_bytes=ws)
 
 
