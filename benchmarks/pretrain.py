@@ -625,7 +625,7 @@ def summarize(results: dict) -> Tuple[dict, str]:
     row("final train loss (mean of last 10%)", lambda r: f"{r['final_train_loss']:.4f}")
     row("val loss (last eval)", lambda r: f"{r['val'][-1]['val_loss']:.4f} @ {r['val'][-1]['tokens']:,} tok")
     row("no NaN/Inf", lambda r: "yes" if r["finite"] else "**NO**")
-    row("causal leakage: prefix max |Δlogit| (tol)", lambda r: (
+    row("causal leakage: prefix max abs Δlogit (tol)", lambda r: (
         f"{r['leakage']['prefix_max_abs_diff']:.2e} ({r['leakage']['tolerance']:.1e}) "
         f"{'pass' if r['leakage']['passed'] else '**FAIL**'}") if "leakage" in r else "n/a")
     row("random-byte loss (ln 256 = 5.545)", lambda r: (
