@@ -53,6 +53,7 @@ class MaskComponent:
     fill: Optional[float] = None
     fill_node: Optional[fx.Node] = None
     factor: float = 1.0
+    key_only: bool = False   # the value is [B, M] (a key-padding mask as nn.MultiheadAttention takes it)
 
 
 @dataclasses.dataclass
@@ -70,15 +71,27 @@ def _target_name(n: fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
+def _inplace(n: fx.Node) -> bool:
+    name = _target_name(n)
+    return n.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__")
+
+
 def _ancestors(nodes: Sequence[fx.Node]) -> List[fx.Node]:
+    """The nodes ``nodes`` are computed from, including in-place ops that mutate one of them first
+    (Dynamo keeps ``x = zeros_like(m); x.masked_fill_(m, -inf)`` as two nodes, the value being ``x``)."""
     seen: Dict[fx.Node, None] = {}
     stack = list(nodes)
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)} if nodes else {}
+    limit = max(order[n] for n in nodes) if nodes else 0
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen[n] = None
         stack.extend(n.all_input_nodes)
+        for u in n.users:
+            if u not in seen and _inplace(u) and u.args and u.args[0] is n and order[u] < limit:
+                stack.append(u)
     order = {n: i for i, n in enumerate(next(iter(seen)).graph.nodes)} if seen else {}
     return sorted(seen, key=lambda n: order[n])
 
@@ -234,7 +247,7 @@ def analyze_masks(gm: fx.GraphModule, comps: Sequence[MaskComponent], scores_sha
         data = leaves.data[0] if leaves.data else None
         if data is not None:
             ex = leaves.values[data]
-            if ex.dim() != 2 or not batch_leading:
+            if ex.dim() != 2 or not batch_leading or tuple(ex.shape) != (shape[0], shape[-1]):
                 return MaskVerdict(False, f"mask built from runtime tensor {data.name} of shape "
                                    f"{tuple(ex.shape)} (only [B, M] key-padding inputs are understood)")
             probes = _probes(ex)
@@ -253,6 +266,10 @@ def analyze_masks(gm: fx.GraphModule, comps: Sequence[MaskComponent], scores_sha
             A, why = _allowed(comp, res[comp.node], fill)
             if A is None:
                 return MaskVerdict(False, why)
+            if comp.key_only:
+                if A.dim() != 2:
+                    return MaskVerdict(False, f"key_padding_mask of rank {A.dim()}")
+                A = A[:, None, None, :]
             kind, keep, why = _factor(A, shape)
             if kind is None:
                 return MaskVerdict(False, why)

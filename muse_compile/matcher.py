@@ -274,6 +274,7 @@ def _sdpa(gm: fx.GraphModule, n: fx.Node) -> Candidate:
     if g == 1 and not _same(H, Hk) and not a.get("enable_gqa", False):
         return c.fail(f"q has {H} heads, k/v {Hk} without enable_gqa")
     c.q, c.k, c.v = (q, pre), (kx, pre), (vx, pre)
+    c.kv_shape = tuple(_shape(kx)[:-1]) + (vs[-1],)
     c.out_tf = [("squeeze", 0)] if len(qs) == 3 else []
     mask = a.get("attn_mask")
     if mask is not None:
@@ -553,14 +554,12 @@ def _handwritten(gm: fx.GraphModule, sm: fx.Node) -> Candidate:
     c.masks = comps
     c.anchor = pv
     c.nodes = chain + [sm] + down + [pv]
-    c.q_shape = sshape[:-1] + (_shape(qn)[-1] if not qtf else sshape[-1],)
-    qsh = list(sshape[:-1]) + [None]
-    c.q_shape = tuple(qsh[:-1]) + ((_shape(qn) or (None,))[-1] if not qtf else "?",)
-    c.kv_shape = tuple(sshape[:-2]) + (sshape[-1], vs[-1] if not vtf else "?")
-    if qtf:
-        c.q_shape = tuple(sshape[:-1]) + (_permuted_last(qn, qtf),)
+    qd = _permuted_last(qn, qtf) if qtf else (_shape(qn) or ("?",))[-1]
+    c.q_shape = ((1,) if nb == 1 else ()) + tuple(sshape[:-1]) + (qd,)
+    kvh = _shape(kb)[1] if (nb == 2 and not ktf and _shape(kb) is not None) else sshape[-3] if nb == 2 else sshape[0]
+    c.kv_shape = ((sshape[0], kvh) if nb == 2 else (1, kvh)) + (sshape[-1], vs[-1] if not vtf else "?")
     if vtf:
-        c.kv_shape = tuple(sshape[:-2]) + (sshape[-1], _permuted_last(vn, vtf))
+        c.kv_shape = c.kv_shape[:-1] + (_permuted_last(vn, vtf),)
     return _finish_masks(gm, c, False, sshape)
 
 
@@ -638,11 +637,18 @@ def _mha(gm: fx.GraphModule, n: fx.Node) -> Candidate:
             return c.fail("attention weights returned (need_weights=True and used)")
     kpm = a.get("key_padding_mask")
     if kpm is not None and _dtype(kpm) != torch.bool:
-        return c.fail("non-boolean key_padding_mask")
+        # nn.TransformerEncoderLayer turns a bool mask into 0/-inf floats: prove it is one
+        verdict = analyze_masks(gm, [MaskComponent(kpm, "add", key_only=True)], (B, H, L, ks[0]),
+                                batch_leading=True)
+        if not verdict.ok:
+            return c.fail(f"key_padding_mask: {verdict.reason}")
     causal = False
     am = a.get("attn_mask")
     comps = []
-    if am is not None:
+    if a.get("is_causal") and am is not None and kpm is None and not a.get("need_weights"):
+        # F.multi_head_attention_forward itself drops attn_mask here and runs causal attention
+        causal = True
+    elif am is not None:
         ams = _shape(am)
         if ams is None or len(ams) != 2:
             return c.fail("per-head (3-D) attn_mask")

@@ -55,7 +55,12 @@ def mha_forward(query, key, value, num_heads: int, in_proj_weight, in_proj_bias,
     q = F.linear(query, wq, bq).view(L, B, num_heads, Dh).permute(1, 2, 0, 3)
     k = F.linear(key, wk, bk).view(S, B, num_heads, Dh).permute(1, 2, 0, 3)
     v = F.linear(value, wv, bv).view(S, B, num_heads, Dh).permute(1, 2, 0, 3)
-    keep = None if key_padding_mask is None else ~key_padding_mask
+    if key_padding_mask is None:
+        keep = None
+    elif key_padding_mask.dtype == torch.bool:
+        keep = ~key_padding_mask                  # PyTorch convention: True = ignore
+    else:
+        keep = key_padding_mask == 0              # additive 0 / -inf (proven by the matcher)
     o = torch.ops.muse.attention(q, k, v, keep, causal, None, clusters, query_clusters, dipole, kmeans_iters,
                                  block_size, min_context, impl)
     o = o.permute(2, 0, 1, 3).reshape(L, B, E)
