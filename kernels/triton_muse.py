@@ -21,6 +21,7 @@ from muse_compile.lowering.plan import (GUARD_SAMPLES, POWER_ITERS, KernelPlan, 
 __all__ = ["muse_attention", "make_plan"]
 
 ALL_PHASES = frozenset({"local", "cluster", "stage1", "stage2", "cast"})
+TUNE: dict = {}   # plan field overrides for tuning runs (e.g. {"warps_stage": 4}); empty in normal use
 
 
 def make_plan(q, k, v, *, causal=False, clusters=128, query_clusters=None, dipole=True, kmeans_iters=2,
@@ -43,6 +44,9 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
         raise ValueError("clusters, query_clusters, block_size must be >= 1 and kmeans_iters >= 0")
     pl = make_plan(q, k, v, causal=causal, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
                    kmeans_iters=kmeans_iters, block_size=block_size, key_padding_mask=key_padding_mask)
+    if TUNE:
+        import dataclasses
+        pl = dataclasses.replace(pl, **TUNE)
     mod = module_for(pl)
     B, H, N, D = q.shape
     Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[-1]

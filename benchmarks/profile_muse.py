@@ -1,0 +1,48 @@
+"""Per-kernel GPU time of one MuSe forward (torch.profiler), optionally for several tuning overrides.
+
+    python benchmarks/profile_muse.py --n 8192 --clusters 64 [--causal] [--tune '{"warps_stage": 4}' ...]
+"""
+import argparse
+import json
+
+import torch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--clusters", type=int, default=64)
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--no-dipole", action="store_true")
+    ap.add_argument("--tune", nargs="*", default=["{}"])
+    args = ap.parse_args()
+    from muse_compile.kernels import triton_muse as T
+    import triton
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(4, 8, args.n, args.d, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
+    for tune in args.tune:
+        T.TUNE.clear()
+        T.TUNE.update(json.loads(tune))
+        kw = dict(causal=args.causal, clusters=args.clusters, dipole=not args.no_dipole)
+        fn = lambda: T.muse_attention(q, k, v, **kw)  # noqa: E731
+        fn()
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        tot = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                name = e.name.split("(")[0][:40]
+                tot[name] = tot.get(name, 0.0) + e.device_time_total / 5 / 1000
+        print(f"== tune={tune} N={args.n} C={args.clusters} causal={args.causal}: {ms:.3f} ms (do_bench median)")
+        for name, t in sorted(tot.items(), key=lambda x: -x[1]):
+            print(f"   {t:8.4f} ms  {name}")
+    T.TUNE.clear()
+
+
+if __name__ == "__main__":
+    main()
