@@ -176,8 +176,9 @@ def test_muse_backend_and_pass_uuid():
     p1, p2 = mc.MusePass(LIMIT), mc.MusePass(LIMIT.replace(clusters=32))
     assert p1.uuid() != p2.uuid() and p1.uuid() == mc.MusePass(LIMIT).uuid()
     torch._dynamo.reset()
-    g = torch.compile(f, options={"pre_grad_custom_pass": p1})
+    g = torch.compile(f, options={"pre_grad_custom_pass": p1, "fx_graph_cache": False})
     assert torch.allclose(g(q, k, v), f(q, k, v), atol=1e-5)
+    # (with Inductor's caches on, a cache hit keyed by uuid() may skip the pass: records stay empty)
     assert p1.records and p1.records[0].sites[0].decision == "rewritten"
 
 
