@@ -11,7 +11,7 @@ scale s folded into the queries (``qs = s·q``):
    projection ``u_a·k`` with the value (u_a: the main direction of the query offsets of cluster a).
 3. ``summary_attention`` (stage 2): query n of cluster a attends the C key summaries of cluster a,
    ``softmax_j(qs_n·k̃_aj + β_aj)``; output, log-sum-exp, and the dipole term ``t_n Σ_j p_nj g_aj`` with
-   ``t_n = u_a·(qs_n − q̄_a)``.
+   ``t_n = u_a·(qs_n − q̄_a)`` (clipped to a trust region of one tilted std of u_a·k per key cluster).
 4. The dipole term is scaled per head by λ ∈ [0, 1], fitted by least squares on a few sample queries whose
    exact attention is computed, so on those samples the corrected output is never worse than the monopole.
 5. Causal: exact local blocks, dyadic acausal levels (``muse_compile.lowering.schedule``), log-sum-exp merge.
@@ -31,13 +31,14 @@ import torch
 from muse_compile.lowering.schedule import causal_schedule
 
 __all__ = [
-    "muse_attention", "exact_attention", "kmeans", "kmeans_init_index", "tilted_summaries",
+    "muse_attention", "exact_attention", "kmeans", "kmeans_init_index", "guard_sample_index", "tilted_summaries",
     "summary_attention", "merge_partials", "Summaries", "muse_block",
 ]
 
 _CHUNK_ELEMS = 1 << 22      # bound on the elements of one temporary chunk (16 MiB in float32)
-GUARD_SAMPLES = 32          # sample queries per head used to fit the dipole scale λ
+GUARD_SAMPLES = 64          # sample queries per head used to fit the dipole scale λ
 POWER_ITERS = 6             # power iterations for the dipole direction
+DIPOLE_TRUST = 1.0          # the dipole may shift u·k's tilted mean by at most this many tilted stds
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,6 +88,13 @@ def _finite_or_zero(x):
 
 
 # -------------------------------------------------------------------------------------------- k-means
+
+
+def guard_sample_index(length: int, samples: int, device=None) -> torch.Tensor:
+    """Sample positions ``floor((s + φ)·L / S)``, φ = 0.618…: evenly spaced but offset from the k-means
+    init positions (which sit at their own centroids and would make the dipole look useless)."""
+    s = torch.arange(samples, device=device, dtype=torch.float64)
+    return torch.floor((s + 0.6180339887) * length / samples).long().clamp_(max=length - 1)
 
 
 def kmeans_init_index(length: int, clusters: int, device=None) -> torch.Tensor:
@@ -147,6 +155,7 @@ class Summaries(NamedTuple):
     vt: torch.Tensor      # [Z, A, Ck, Dv]  tilted value centroids ṽ
     beta: torch.Tensor    # [Z, A, Ck]      log Z_aj − q̄_a·k̃_aj  (−inf for an empty key cluster)
     g: Optional[torch.Tensor]  # [Z, A, Ck, Dv] dipole: E_p[(u_a·(k−k̃)) (v−ṽ)], or None
+    sigma: Optional[torch.Tensor] = None  # [Z, A, Ck] tilted std of u_a·k in the cluster (dipole trust region)
 
 
 def tilted_summaries(qbar, k, v, key_assign, key_clusters, u=None) -> Summaries:
@@ -176,7 +185,7 @@ def tilted_summaries(qbar, k, v, key_assign, key_clusters, u=None) -> Summaries:
     feats = [k, v]
     if u is not None:
         proj = u @ k.transpose(-1, -2)                                    # u_a·k_i  [Z, A, M]
-    width = D + Dv + (Dv if u is not None else 0)
+    width = D + Dv + (Dv + 1 if u is not None else 0)
     acc = w.new_zeros(Z, A, Ck + 1, width)
     step = max(1, _CHUNK_ELEMS // max(1, Z * A * width))
     for s0 in range(0, M, step):
@@ -184,7 +193,8 @@ def tilted_summaries(qbar, k, v, key_assign, key_clusters, u=None) -> Summaries:
         wc = w[:, :, s0:s1, None]
         parts = [wc * k[:, None, s0:s1], wc * v[:, None, s0:s1]]
         if u is not None:
-            parts.append((wc * proj[:, :, s0:s1, None]) * v[:, None, s0:s1])
+            wp = wc * proj[:, :, s0:s1, None]
+            parts += [wp * v[:, None, s0:s1], wp * proj[:, :, s0:s1, None]]
         prod = torch.cat(parts, dim=-1)
         acc = acc.scatter_add(2, idx[:, :, s0:s1, None].expand(Z, A, s1 - s0, width), prod)
     acc = acc[:, :, :Ck]
@@ -196,10 +206,12 @@ def tilted_summaries(qbar, k, v, key_assign, key_clusters, u=None) -> Summaries:
     log_mass = torch.where(nonempty, torch.log(torch.where(nonempty, mass, torch.ones_like(mass))) + m[..., :Ck],
                            torch.full_like(mass, float("-inf")))
     beta = log_mass - (kt * qbar.unsqueeze(2)).sum(-1)
-    g = None
+    g = sigma = None
     if u is not None:
-        g = acc[..., D + Dv:] * inv - (kt * u.unsqueeze(2)).sum(-1, keepdim=True) * vt
-    return Summaries(kt, vt, beta, g)
+        ukt = (kt * u.unsqueeze(2)).sum(-1, keepdim=True)                 # u_a·k̃_aj
+        g = acc[..., D + Dv:D + 2 * Dv] * inv - ukt * vt
+        sigma = (acc[..., -1:] * inv - ukt * ukt).clamp(min=0).sqrt().squeeze(-1)
+    return Summaries(kt, vt, beta, g, sigma)
 
 
 # ------------------------------------------------------------------------------ stage 2: summary attention
@@ -238,8 +250,12 @@ def summary_attention(qs, q_assign, summ: Summaries, qbar=None, u=None):
             g = torch.gather(summ.g, 1, ia.expand(Z, n, Ck, Dv))
             ua = torch.gather(u, 1, a[:, :, None].expand(Z, n, D))
             qa = torch.gather(qbar, 1, a[:, :, None].expand(Z, n, D))
-            t = ((q - qa) * ua).sum(-1, keepdim=True)
-            dips.append(t * torch.einsum("znc,zncd->znd", p, g))
+            t = ((q - qa) * ua).sum(-1, keepdim=True)                   # [Z, n, 1]
+            # trust region: the linearised tilt t shifts u·k's tilted mean by t·σ²; an outlying query
+            # (large |t|) would extrapolate far past the cluster, so |t| is capped at DIPOLE_TRUST / σ_aj
+            bound = DIPOLE_TRUST / torch.gather(summ.sigma, 1, a[:, :, None].expand(Z, n, Ck)).clamp(min=1e-30)
+            tc = torch.maximum(torch.minimum(t, bound), -bound)            # [Z, n, Ck]
+            dips.append(torch.einsum("znc,zncd->znd", p * tc, g))
     out = torch.cat(outs, 1)
     lse = torch.cat(lses, 1)
     return out, lse, (torch.cat(dips, 1) if dips else None)
@@ -326,7 +342,7 @@ def _dipole_scale(q_fit, fit_assign, k, v, key_valid, summ, qbar, u):
     """
     Z, G, Nf, D = q_fit.shape
     S = min(Nf, GUARD_SAMPLES)
-    pos = kmeans_init_index(Nf, S, q_fit.device)
+    pos = guard_sample_index(Nf, S, q_fit.device)
     qsamp = q_fit[:, :, pos]                                              # [Z, G, S, D]
     asamp = fit_assign[:, :, pos]
     mono, _, dip = summary_attention(qsamp.reshape(Z, G * S, D), asamp.reshape(Z, G * S), summ, qbar=qbar, u=u)
