@@ -21,6 +21,7 @@ from muse_compile.lowering.plan import (GUARD_SAMPLES, POWER_ITERS, KernelPlan, 
 __all__ = ["muse_attention", "make_plan"]
 
 ALL_PHASES = frozenset({"local", "cluster", "stage1", "stage2", "cast"})
+_DEBUG = None
 TUNE: dict = {}   # plan field overrides for tuning runs (e.g. {"warps_stage": 4}); empty in normal use
 
 
@@ -195,27 +196,31 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     vt = torch.empty(NSk * A * Ck * BDV, device=dev, dtype=f32)
     beta = torch.empty(NSk * A * Ck, device=dev, dtype=f32)
     gs = torch.empty(NSk * A * Ck * BDV, device=dev, dtype=f32) if spec.dipole else vt
+    sig = torch.empty(NSk * A * Ck, device=dev, dtype=f32) if spec.dipole else beta
     ns = min(Lf, GUARD_SAMPLES)
     BS = 32
     nsb = triton_cdiv(G * ns, BS) if spec.dipole else 0
     if spec.dipole:
         po = torch.empty(NSk * G * ns * Ck * BDV, device=dev, dtype=f32)
         plse = torch.empty(NSk * G * ns * Ck, device=dev, dtype=f32)
-        lam = torch.empty(NSq, device=dev, dtype=f32)
+        lam = torch.zeros(2 * NSq, device=dev, dtype=f32)   # Σ dip·(exact − mono), Σ dip² per head
     else:
         po, plse, lam = vt, beta, beta
     BA = pl.ba_stage1
     nab = triton_cdiv(A, BA)
     if "stage1" in phases:
         mod.stage1[(NSk, Ck, nab + nsb)](
-            k, v, qbar, u, kperm, kcnt[T], q, scale, kt, vt, beta, gs, po, plse,
+            k, v, qbar, u, kperm, kcnt[T], q, scale, kt, vt, beta, gs, sig, po, plse,
             G, P, M, k_off, ps, Lk, N, fit_off, ps, Lf, ns,
             CQ=Cq, CK=Ck, BCK=BCk, BA=BA, BN=pl.bn_stage1, NAB=nab, BS=BS, num_warps=pl.warps_stage)
         if spec.dipole:
-            mod.guard[(NSq,)](q, scale, qbar, u, qassign, kt, vt, beta, gs, po, plse, lam,
-                              G, P, N, fit_off, ps, Lf, ns, CQ=Cq, CK=Ck, BS=BS, num_warps=nw)
+            mod.guard[(NSq, ns)](q, scale, qbar, u, qassign, kt, vt, beta, gs, sig, po, plse, lam,
+                                 G, P, N, fit_off, ps, Lf, ns, CQ=Cq, CK=Ck, BCK=BCk, num_warps=nw)
+            if _DEBUG is not None:
+                _DEBUG.update(numden=lam.clone(), kt=kt, vt=vt, beta=beta, gs=gs, sig=sig, po=po, plse=plse, qbar=qbar,
+                              u=u, qassign=qassign, dims=(NSq, ns, Cq, Ck, BD, BDV, G, Lf))
     if "stage2" in phases:
-        mod.stage2[(NSq, Cq)](q, scale, aperm, acount, kt, vt, beta, gs, qbar, u, lam, out, lse,
+        mod.stage2[(NSq, Cq)](q, scale, aperm, acount, kt, vt, beta, gs, sig, qbar, u, lam, out, lse,
                               G, P, N, lv.ans_off, ps, La,
                               CQ=Cq, CK=Ck, BCQ=BCq, BCK=BCk, BM=pl.bm_stage2, MERGE=merge,
                               num_warps=pl.warps_stage)

@@ -179,7 +179,7 @@ def centroid_dir(X, scale_x, mu, sums, cnt, perm, qbar_out, u_out, GS, P, LEN_TO
 
 
 @triton.jit
-def stage1(K, V, qbar, u, permk, cntk, Q, scale_q, kt_out, vt_out, beta_out, g_out, po_out, plse_out,
+def stage1(K, V, qbar, u, permk, cntk, Q, scale_q, kt_out, vt_out, beta_out, g_out, sig_out, po_out, plse_out,
            G, P, M_TOT, K_OFF, K_PSTRIDE, LK, N_TOT, Q_OFF, Q_PSTRIDE, LF, NSAMP,
            CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr, BA: tl.constexpr, BN: tl.constexpr,
            NAB: tl.constexpr, BS: tl.constexpr):
@@ -210,6 +210,7 @@ def stage1(K, V, qbar, u, permk, cntk, Q, scale_q, kt_out, vt_out, beta_out, g_o
         if $DIPOLE:
             uu = tl.load(u + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
             acc_g = tl.zeros([BA, $BDV], dtype=tl.float32)
+            acc_s = tl.zeros([BA], dtype=tl.float32)
         m = tl.full([BA], float("-inf"), tl.float32)
         l = tl.zeros([BA], dtype=tl.float32)
         acc_k = tl.zeros([BA, $BD], dtype=tl.float32)
@@ -233,6 +234,7 @@ def stage1(K, V, qbar, u, permk, cntk, Q, scale_q, kt_out, vt_out, beta_out, g_o
             if $DIPOLE:
                 pr = tl.dot(uu, tl.trans(kc), input_precision="$PREC")
                 acc_g = acc_g * alpha[:, None] + tl.dot(w * pr, vc, input_precision="$PREC")
+                acc_s = acc_s * alpha + tl.sum(w * pr * pr, 1)
             m = m_new
         ne = l > 0
         inv = tl.where(ne, 1.0 / tl.where(ne, l, 1.0), 0.0)
@@ -244,14 +246,16 @@ def stage1(K, V, qbar, u, permk, cntk, Q, scale_q, kt_out, vt_out, beta_out, g_o
         tl.store(vt_out + orow[:, None] * $BDV + offs_v[None, :], vt, mask=amask[:, None])
         tl.store(beta_out + orow, beta, mask=amask)
         if $DIPOLE:
-            gg = acc_g * inv[:, None] - tl.sum(kt * uu, 1)[:, None] * vt
+            ukt = tl.sum(kt * uu, 1)
+            gg = acc_g * inv[:, None] - ukt[:, None] * vt
             tl.store(g_out + orow[:, None] * $BDV + offs_v[None, :], gg, mask=amask[:, None])
+            tl.store(sig_out + orow, tl.sqrt(tl.maximum(acc_s * inv - ukt * ukt, 0.0)), mask=amask)
     else:
         offs_r = (blk - NAB) * BS + tl.arange(0, BS)
         rmask = offs_r < G * NSAMP
         gq = offs_r // NSAMP
         si = offs_r % NSAMP
-        pos = ((2 * si + 1) * LF) // (2 * NSAMP)
+        pos = tl.minimum(((si.to(tl.float64) + 0.6180339887) * LF / NSAMP).to(tl.int32), LF - 1)
         qrow = (z * G + gq).to(tl.int64) * N_TOT + Q_OFF + p * Q_PSTRIDE + pos
         qsm = tl.load(Q + qrow[:, None] * $D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
                       other=0.0).to(tl.float32) * scale_q
@@ -282,78 +286,62 @@ def stage1(K, V, qbar, u, permk, cntk, Q, scale_q, kt_out, vt_out, beta_out, g_o
 
 
 @triton.jit
-def guard(Q, scale_q, qbar, u, fit_assign, kt, vt, beta, gsum, po, plse, lam_out,
+def guard(Q, scale_q, qbar, u, fit_assign, kt, vt, beta, gsum, sig, po, plse, numden,
           G, P, N_TOT, Q_OFF, Q_PSTRIDE, LF, NSAMP,
-          CQ: tl.constexpr, CK: tl.constexpr, BS: tl.constexpr):
-    """λ ∈ [0, 1] per (problem, query head): least-squares scale of the dipole term on the guard samples,
-    whose exact outputs are merged here from stage 1's per-key-cluster partials."""
-    pid = tl.program_id(0)
-    zp = pid // G
-    gq = pid % G
+          CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr):
+    """One guard sample of one (problem, query head): its exact output (merged from stage 1's per-key-cluster
+    partials), its monopole and dipole outputs; adds Σ dip·(exact − mono) and Σ dip² to ``numden`` (atomics).
+    Stage 2 takes λ = clamp(num / den, 0, 1): the least-squares dipole scale over all samples of the head."""
+    s = tl.program_id(0)
+    r = tl.program_id(1)
+    zp = s // G
+    gq = s % G
     z = zp // P
     p = zp % P
     A = G * CQ
-    offs_r = tl.arange(0, BS)
-    rmask = offs_r < NSAMP
-    pos = ((2 * offs_r + 1) * LF) // (2 * NSAMP)
+    pos = tl.minimum(((r.to(tl.float64) + 0.6180339887) * LF / NSAMP).to(tl.int32), LF - 1)
     offs_d = tl.arange(0, $BD)
     dmask = offs_d < $D
     offs_v = tl.arange(0, $BDV)
+    offs_k = tl.arange(0, BCK)
+    kmask = offs_k < CK
     qrow = (z * G + gq).to(tl.int64) * N_TOT + Q_OFF + p * Q_PSTRIDE + pos
-    qsm = tl.load(Q + qrow[:, None] * $D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
-                  other=0.0).to(tl.float32) * scale_q
-    a = tl.load(fit_assign + pid.to(tl.int64) * LF + pos, mask=rmask, other=0)
+    qsm = tl.load(Q + qrow * $D + offs_d, mask=dmask, other=0.0).to(tl.float32) * scale_q
+    a = tl.load(fit_assign + s.to(tl.int64) * LF + pos)
     arow = zp.to(tl.int64) * A + gq * CQ + a
-    qb = tl.load(qbar + arow[:, None] * $BD + offs_d[None, :])
-    uu = tl.load(u + arow[:, None] * $BD + offs_d[None, :])
-    tt = tl.sum((qsm - qb) * uu, 1)
-    me = tl.full([BS], float("-inf"), tl.float32)
-    le = tl.zeros([BS], dtype=tl.float32)
-    ae = tl.zeros([BS, $BDV], dtype=tl.float32)
-    ms = tl.full([BS], float("-inf"), tl.float32)
-    ls = tl.zeros([BS], dtype=tl.float32)
-    am = tl.zeros([BS, $BDV], dtype=tl.float32)
-    ad = tl.zeros([BS, $BDV], dtype=tl.float32)
-    prow0 = (zp.to(tl.int64) * G * NSAMP + gq * NSAMP + offs_r) * CK
-    for j in range(CK):
-        lj = tl.load(plse + prow0 + j, mask=rmask, other=float("-inf"))
-        oj = tl.load(po + (prow0 + j)[:, None] * $BDV + offs_v[None, :], mask=rmask[:, None], other=0.0)
-        mn = tl.maximum(me, lj)
-        mn0 = tl.where(mn == float("-inf"), 0.0, mn)
-        al = tl.exp(me - mn0)
-        w = tl.exp(lj - mn0)
-        le = le * al + w
-        ae = ae * al[:, None] + w[:, None] * oj
-        me = mn
-        srow = arow * CK + j
-        kj = tl.load(kt + srow[:, None] * $BD + offs_d[None, :])
-        bj = tl.load(beta + srow)
-        sj = tl.sum(qsm * kj, 1) + bj
-        mn = tl.maximum(ms, sj)
-        mn0 = tl.where(mn == float("-inf"), 0.0, mn)
-        al = tl.exp(ms - mn0)
-        w = tl.exp(sj - mn0)
-        ls = ls * al + w
-        vj = tl.load(vt + srow[:, None] * $BDV + offs_v[None, :])
-        gj = tl.load(gsum + srow[:, None] * $BDV + offs_v[None, :])
-        am = am * al[:, None] + w[:, None] * vj
-        ad = ad * al[:, None] + w[:, None] * gj
-        ms = mn
-    ie = tl.where(le > 0, 1.0 / tl.where(le > 0, le, 1.0), 0.0)
+    qb = tl.load(qbar + arow * $BD + offs_d)
+    uu = tl.load(u + arow * $BD + offs_d)
+    tt = tl.sum((qsm - qb) * uu, 0)
+    prow = (zp.to(tl.int64) * G * NSAMP + gq * NSAMP + r) * CK + offs_k
+    lj = tl.load(plse + prow, mask=kmask, other=float("-inf"))
+    oj = tl.load(po + prow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0)
+    mx = tl.max(lj, 0)
+    mx0 = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(lj - mx0)
+    le = tl.sum(w, 0)
+    exact = tl.sum(w[:, None] * oj, 0) * tl.where(le > 0, 1.0 / tl.where(le > 0, le, 1.0), 0.0)
+    srow = arow * CK + offs_k
+    kj = tl.load(kt + srow[:, None] * $BD + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    bj = tl.load(beta + srow, mask=kmask, other=float("-inf"))
+    sj = tl.sum(kj * qsm[None, :], 1) + bj
+    ms = tl.max(sj, 0)
+    ms0 = tl.where(ms == float("-inf"), 0.0, ms)
+    ws = tl.exp(sj - ms0)
+    ls = tl.sum(ws, 0)
     isu = tl.where(ls > 0, 1.0 / tl.where(ls > 0, ls, 1.0), 0.0)
-    exact = ae * ie[:, None]
-    mono = am * isu[:, None]
-    dip = tt[:, None] * ad * isu[:, None]
-    dip = tl.where(rmask[:, None], dip, 0.0)
-    num = tl.sum(tl.sum(dip * (exact - mono), 1), 0)
-    den = tl.sum(tl.sum(dip * dip, 1), 0)
-    lam = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-    lam = tl.minimum(tl.maximum(lam, 0.0), 1.0)
-    tl.store(lam_out + pid, lam)
+    vj = tl.load(vt + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0)
+    gj = tl.load(gsum + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0)
+    mono = tl.sum(ws[:, None] * vj, 0) * isu
+    sg = tl.load(sig + srow, mask=kmask, other=1.0)
+    bnd = $TRUST / tl.maximum(sg, 1e-30)
+    tc = tl.minimum(tl.maximum(tt, -bnd), bnd)
+    dip = tl.sum((ws * tc)[:, None] * gj, 0) * isu
+    tl.atomic_add(numden + 2 * s, tl.sum(dip * (exact - mono), 0))
+    tl.atomic_add(numden + 2 * s + 1, tl.sum(dip * dip, 0))
 
 
 @triton.jit
-def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, qbar, u, lam, out, lse_out,
+def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, lse_out,
            G, P, N_TOT, A_OFF, A_PSTRIDE, LA,
            CQ: tl.constexpr, CK: tl.constexpr, BCQ: tl.constexpr, BCK: tl.constexpr, BM: tl.constexpr,
            MERGE: tl.constexpr):
@@ -389,7 +377,12 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, qbar, u, lam, out, lse_out
             gl = tl.load(gsum + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0)
             qb = tl.load(qbar + arow * $BD + offs_d)
             uu = tl.load(u + arow * $BD + offs_d)
-            lm = tl.load(lam + s)
+            num = tl.load(lam + 2 * s)
+            den = tl.load(lam + 2 * s + 1)
+            lm = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+            lm = tl.minimum(tl.maximum(lm, 0.0), 1.0)
+            sg = tl.load(sig + srow, mask=kmask, other=1.0)
+            bnd = $TRUST / tl.maximum(sg, 1e-30)
         for t in range(0, n_a, BM):
             offs = t + tl.arange(0, BM)
             msk = offs < n_a
@@ -408,7 +401,8 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, qbar, u, lam, out, lse_out
             ls = tl.where(ne, mr0 + tl.log(tl.where(ne, l, 1.0)), float("-inf"))
             if $DIPOLE:
                 tt = tl.sum((qv - qb[None, :]) * uu[None, :], 1)
-                o += (lm * tt * inv)[:, None] * tl.dot(pr, gl, input_precision="$PREC")
+                tcm = tl.minimum(tl.maximum(tt[:, None], -bnd[None, :]), bnd[None, :])
+                o += (lm * inv)[:, None] * tl.dot(pr * tcm, gl, input_precision="$PREC")
             optr = out + rows[:, None] * $DV + offs_v[None, :]
             om = msk[:, None] & vmask[None, :]
             if MERGE:

@@ -52,6 +52,7 @@ class KernelSpec:
 
 def render(spec: KernelSpec) -> str:
     """The generated Triton module source for ``spec``."""
+    from muse_compile.kernels.reference import DIPOLE_TRUST
     from muse_compile.kernels.triton_templates import TEMPLATE
 
     d = spec.head_dim
@@ -61,7 +62,7 @@ def render(spec: KernelSpec) -> str:
         u0 = f"tl.where(dmask, 1.0 + offs_d.to(tl.float32) / {d - 1}.0, 0.0)"
     return string.Template(TEMPLATE).substitute(
         SPEC=spec.key(), D=d, DV=spec.value_dim, BD=spec.bd, BDV=spec.bdv, PREC=spec.precision,
-        DIPOLE="True" if spec.dipole else "False", U0=u0)
+        DIPOLE="True" if spec.dipole else "False", U0=u0, TRUST=repr(float(DIPOLE_TRUST)))
 
 
 def cache_dir() -> str:

@@ -21,8 +21,7 @@ __all__ = ["KernelPlan", "LevelPlan", "plan", "supports", "generated_source", "d
 
 MAX_CLUSTERS = 256          # clusters per set the kernels hold in registers
 MAX_HEAD_DIM = 256
-GUARD_SAMPLES = 32          # must equal kernels.reference.GUARD_SAMPLES
-POWER_ITERS = 6             # must equal kernels.reference.POWER_ITERS
+from muse_compile.kernels.reference import GUARD_SAMPLES, POWER_ITERS  # noqa: E402  (same constants)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -101,7 +100,7 @@ def _level_workspace(lv: LevelPlan, Z: int, G: int, iters: int, bd: int, bdv: in
     b += nsk * A * lv.k_clusters * (bd + bdv * (2 if dipole else 1) + 1) * f4   # summaries
     if dipole:
         ns = min(lv.fit_len, GUARD_SAMPLES)
-        b += nsk * G * ns * lv.k_clusters * (bdv + 1) * f4 + nsq * f4
+        b += nsk * G * ns * lv.k_clusters * (bdv + 1) * f4 + 2 * nsq * f4 + nsk * A * lv.k_clusters * f4
     return b
 
 
@@ -162,7 +161,7 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
         ba1 = 64
         bm2 = 64
         bme, bne = (128, 64) if not big else (64, 64)
-        warps, wk, wst = 4, 8, 8
+        warps, wk, wst = 4, 4, 4
     return KernelPlan(spec=spec, batch=B, heads=H, kv_heads=Hkv, n=N, m=M, causal=causal, kmeans_iters=iters,
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,

@@ -10,16 +10,17 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
-def _separated(B, H, N, D, modes, gen, spread=4.0, noise=0.05):
+def _separated(B, H, N, D, modes, gen, spread=4.0, noise=0.1):
     c = torch.randn(B, H, modes, D, generator=gen, device="cuda") * spread
     idx = torch.randint(0, modes, (B, H, N), generator=gen, device="cuda")
     return torch.gather(c, 2, idx[..., None].expand(B, H, N, D)) + noise * torch.randn(
         B, H, N, D, generator=gen, device="cuda")
 
 
-def _inputs(B, H, Hkv, N, D, Dv, dtype, seed, modes=16):
+def _inputs(B, H, Hkv, N, D, Dv, dtype, seed, modes=6):
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    # shared centres for queries and keys of a kv head: well separated, so k-means ties never flip
+    # few well-separated modes and fewer clusters than modes: no cluster boundary runs through a mode, so
+    # rounding cannot flip a k-means assignment between the kernels and the reference
     q = _separated(B, H, N, D, modes, gen)
     k = _separated(B, Hkv, N, D, modes, gen)
     v = torch.randn(B, Hkv, N, Dv, generator=gen, device="cuda")
@@ -34,7 +35,7 @@ def test_matches_reference(dtype, tol, causal):
     q, k, v = _inputs(2, 4, 2, 1500, 64, 64, dtype, seed=1)
     kpm = torch.ones(2, 1500, dtype=torch.bool, device="cuda")
     kpm[1, 1200:] = False
-    kw = dict(causal=causal, clusters=16, kmeans_iters=2, block_size=128, key_padding_mask=kpm)
+    kw = dict(causal=causal, clusters=4, kmeans_iters=2, block_size=32, key_padding_mask=kpm)
     o, l = muse_attention(q, k, v, **kw)
     # the reference runs in float32 on the same (rounded) inputs
     o0, l0 = R.muse_attention(q.float(), k.float(), v.float(), **kw)
@@ -61,8 +62,8 @@ def test_causal_no_leakage():
     # fp32 + well-separated data: run-to-run rounding (atomic sums) stays ~1e-7, far below any leak
     from muse_compile.kernels.triton_muse import muse_attention
     N = 4096
-    q, k, v = _inputs(1, 2, 2, N, 64, 64, torch.float32, seed=3, modes=24)
-    kw = dict(causal=True, clusters=32, block_size=128)
+    q, k, v = _inputs(1, 2, 2, N, 64, 64, torch.float32, seed=3)
+    kw = dict(causal=True, clusters=4, block_size=64)
     o1, _ = muse_attention(q, k, v, **kw)
     for i in (700, 2500):
         q2, k2, v2 = q.clone(), k.clone(), v.clone()
