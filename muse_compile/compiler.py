@@ -16,6 +16,7 @@ import dataclasses
 import glob
 import logging
 import os
+import time
 import types
 from typing import Any, Callable, List, Optional, Union
 
@@ -63,12 +64,15 @@ class MuseBackend:
             inner = _INNER[inner]
         self.inner = inner
         self.records: List[GraphRecord] = []
+        self.pass_seconds = 0.0   # time spent in matching + rewriting + recording (not the inner compiler)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        t0 = time.perf_counter()
         before = _readable(gm)
         sites = rewrite_graph(gm, self.policy)
         after = _readable(gm)
         self.records.append(GraphRecord(sites, before, after))
+        self.pass_seconds += time.perf_counter() - t0
         _compat.trace_artifact("muse_rewrite", lambda: after)
         return self.inner(gm, example_inputs)
 

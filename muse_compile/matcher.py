@@ -157,6 +157,7 @@ def _location(n: fx.Node) -> str:
         path = re.sub(r"\._modules\['([^']+)'\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), path)
         path = re.sub(r"^_orig_mod\.|^L\['\w+'\]\.?", "", path).lstrip(".")
         path = re.sub(r"\['([^']+)'\]", r".\1", path)
+        path = re.sub(r"^G\.(?:__import_[A-Za-z0-9_]+\.)?", "", path)
     src = ""
     trace = n.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', trace)
