@@ -31,7 +31,7 @@ class Site:
     causal: bool
     decision: str             # "rewritten" or "kept"
     reason: str
-    key_padding: bool = False  # a key-padding mask is passed to the op
+    key_padding: bool = False  # the site has a proven key-padding mask (passed to the op when rewritten)
     graph: int = 0             # index of the graph in Report.graphs
 
     def to_dict(self) -> Dict[str, Any]:

@@ -164,8 +164,8 @@ def rewrite_graph(gm: fx.GraphModule, pol: Policy) -> List[Site]:
                             getattr(c, "location", "?"), e)
         site = Site(kind=c.kind, location=getattr(c, "location", ""), q_shape=_fmt_shape(c.q_shape or None),
                     kv_shape=_fmt_shape(c.kv_shape or None), causal=bool(c.causal), decision=decision,
-                    reason=reason, key_padding=bool(c.masks) and c.mha is None and decision == "rewritten"
-                    or (c.mha is not None and c.mha.get("key_padding_mask") is not None))
+                    reason=reason, key_padding=bool(c.masks) or (
+                        c.mha is not None and c.mha.get("key_padding_mask") is not None))
         sites.append(site)
         log.info("muse_compile: %s %s at %s q=%s kv=%s causal=%s: %s", decision, c.kind, site.location,
                  site.q_shape, site.kv_shape, site.causal, reason)
