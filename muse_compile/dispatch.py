@@ -43,25 +43,31 @@ def _triton_modules():
     return triton_muse, plan, ""
 
 
-def _supports(plan, q, k, v, causal, key_padding_mask) -> Tuple[bool, str]:
+def _supports(plan, q, k, v, causal, key_padding_mask, plan_kw=None) -> Tuple[bool, str]:
     fn = getattr(plan, "supports", None)
     if fn is None:
         return False, "lowering.plan has no supports()"
-    res = fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+    try:
+        res = fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, **(plan_kw or {}))
+    except TypeError:  # an older supports() without the policy keywords
+        res = fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
     if isinstance(res, tuple):
         return bool(res[0]), str(res[1]) if len(res) > 1 else ""
     return bool(res), ""
 
 
-def resolve_impl(q, k, v, *, causal: bool, key_padding_mask: Optional[torch.Tensor], impl: str) -> Tuple[str, str]:
-    """Which implementation runs the approximate path: ``("reference" | "triton", reason)``."""
+def resolve_impl(q, k, v, *, causal: bool, key_padding_mask: Optional[torch.Tensor], impl: str,
+                 **plan_kw) -> Tuple[str, str]:
+    """Which implementation runs the approximate path: ``("reference" | "triton", reason)``.
+
+    ``plan_kw`` (clusters, query_clusters, block_size, ...) are passed on to ``lowering.plan.supports``."""
     if impl == "reference":
         return "reference", "impl='reference'"
     if impl == "triton":
         mod, plan, why = _triton_modules()
         if mod is None or plan is None:
             raise TritonUnavailable(f"impl='triton' requested but {why}")
-        ok, reason = _supports(plan, q, k, v, causal, key_padding_mask)
+        ok, reason = _supports(plan, q, k, v, causal, key_padding_mask, plan_kw)
         if not ok:
             raise TritonUnavailable(f"impl='triton' requested but the Triton plan refuses this call: {reason}")
         return "triton", "impl='triton'"
@@ -72,7 +78,7 @@ def resolve_impl(q, k, v, *, causal: bool, key_padding_mask: Optional[torch.Tens
     mod, plan, why = _triton_modules()
     if mod is None or plan is None:
         return "reference", f"impl='auto': {why}; reference"
-    ok, reason = _supports(plan, q, k, v, causal, key_padding_mask)
+    ok, reason = _supports(plan, q, k, v, causal, key_padding_mask, plan_kw)
     if not ok:
         return "reference", f"impl='auto': Triton plan refuses ({reason}); reference"
     return "triton", "impl='auto': Triton"
@@ -96,7 +102,9 @@ def attention_forward(q, k, v, key_padding_mask, *, causal, scale, clusters, que
         return exact(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
     kwargs = dict(causal=causal, scale=scale, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
                   kmeans_iters=kmeans_iters, block_size=block_size, key_padding_mask=key_padding_mask)
-    name, reason = resolve_impl(q, k, v, causal=causal, key_padding_mask=key_padding_mask, impl=impl)
+    plan_kw = dict(clusters=clusters, query_clusters=query_clusters, dipole=dipole, kmeans_iters=kmeans_iters,
+                   block_size=block_size, scale=scale)
+    name, reason = resolve_impl(q, k, v, causal=causal, key_padding_mask=key_padding_mask, impl=impl, **plan_kw)
     if last_choice != (name, reason):
         log.debug("muse attention impl: %s (%s)", name, reason)
     last_choice = (name, reason)
@@ -118,7 +126,9 @@ def attention_backward(grad, q, k, v, key_padding_mask, **params):
     """
     min_context, impl = params["min_context"], params["impl"]
     if k.shape[2] >= min_context:
-        name, _ = resolve_impl(q, k, v, causal=params["causal"], key_padding_mask=key_padding_mask, impl=impl)
+        plan_kw = {k_: v_ for k_, v_ in params.items() if k_ not in ("min_context", "impl", "causal")}
+        name, _ = resolve_impl(q, k, v, causal=params["causal"], key_padding_mask=key_padding_mask, impl=impl,
+                               **plan_kw)
         if name == "triton":
             mod, _, _ = _triton_modules()
             bwd = getattr(mod, "muse_attention_backward", None)
