@@ -210,7 +210,8 @@ def tilted_summaries(qbar, k, v, key_assign, key_clusters, u=None) -> Summaries:
     if u is not None:
         ukt = (kt * u.unsqueeze(2)).sum(-1, keepdim=True)                 # u_a·k̃_aj
         g = acc[..., D + Dv:D + 2 * Dv] * inv - ukt * vt
-        sigma = (acc[..., -1:] * inv - ukt * ukt).clamp(min=0).sqrt().squeeze(-1)
+        # the trust-region bound is a constant for the backward, like u and λ (and sqrt has no slope at 0)
+        sigma = (acc[..., -1:] * inv - ukt * ukt).detach().clamp(min=0).sqrt().squeeze(-1)
     return Summaries(kt, vt, beta, g, sigma)
 
 

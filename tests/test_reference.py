@@ -229,7 +229,7 @@ def test_gradcheck_monopole(causal):
 
 
 def test_gradcheck_dipole_with_frozen_direction_and_scale(monkeypatch):
-    """The backward treats assignments, dipole directions u and the scale λ as constants (docs/algorithm.md);
+    """The backward treats assignments, dipole directions u, trust bounds σ and the scale λ as constants;
     with those frozen at their values, autograd must equal finite differences."""
     q, k, v = _rand(1, 2, 16, 4, seed=1), _rand(1, 2, 16, 4, seed=2), _rand(1, 2, 16, 3, seed=3)
     frozen = {}
@@ -242,6 +242,7 @@ def test_gradcheck_dipole_with_frozen_direction_and_scale(monkeypatch):
         lam = frozen.setdefault("lam", real_scale(*a))
         return torch.full_like(lam, 0.7)  # inside (0, 1), so the dipole term is really present
 
+    monkeypatch.setattr(ref, "DIPOLE_TRUST", float("inf"))  # the trust-region bound σ is a constant too
     monkeypatch.setattr(ref, "_dipole_directions", dirs)
     monkeypatch.setattr(ref, "_dipole_scale", scale)
     fn = lambda q, k, v: ref.muse_attention(q, k, v, clusters=3, dipole=True)[0]  # noqa: E731
