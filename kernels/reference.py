@@ -31,13 +31,15 @@ import torch
 from muse_compile.lowering.schedule import causal_schedule
 
 __all__ = [
-    "muse_attention", "exact_attention", "kmeans", "kmeans_init_index", "guard_sample_index", "tilted_summaries",
+    "muse_attention", "exact_attention", "kmeans", "kmeans_fit_stride", "kmeans_init_index", "guard_sample_index", "tilted_summaries",
     "summary_attention", "merge_partials", "Summaries", "muse_block",
 ]
 
 _CHUNK_ELEMS = 1 << 22      # bound on the elements of one temporary chunk (16 MiB in float32)
 GUARD_SAMPLES = 64          # sample queries per head used to fit the dipole scale λ
 POWER_ITERS = 6             # power iterations for the dipole direction
+FIT_TOKENS_PER_CLUSTER = 16  # k-means fits centroids on a strided subset keeping this many tokens per cluster
+MAX_FIT_STRIDE = 4          # … and at most every 4th token
 DIPOLE_TRUST = 1.0          # the dipole may shift u·k's tilted mean by at most this many tilted stds
 
 
@@ -104,11 +106,20 @@ def kmeans_init_index(length: int, clusters: int, device=None) -> torch.Tensor:
 
 
 @torch.no_grad()
+def kmeans_fit_stride(length: int, clusters: int) -> int:
+    """Token stride r of the Lloyd updates: centroids are fitted on every r-th token (positions 0, r, 2r, …)
+    and only the final assignment reads all tokens. r keeps at least FIT_TOKENS_PER_CLUSTER fitting tokens per
+    cluster on average and is at most MAX_FIT_STRIDE: clustering is the largest cost of the op, and the
+    centroids of a few thousand tokens are as good as those of all of them (``docs/accuracy.md``)."""
+    return max(1, min(MAX_FIT_STRIDE, length // (FIT_TOKENS_PER_CLUSTER * clusters)))
+
+
 def kmeans(x: torch.Tensor, clusters: int, iters: int, valid: Optional[torch.Tensor] = None):
     """Batched Lloyd k-means on the last two dims of ``x`` ``[..., L, D]``.
 
     Initial centroids are evenly spaced tokens (among the valid ones when ``valid`` ``[..., L]`` is given).
-    ``iters`` Lloyd updates follow, then a final assignment. A token goes to the centroid maximising
+    ``iters`` Lloyd updates on every r-th token follow (r = :func:`kmeans_fit_stride`), then a final
+    assignment of all tokens. A token goes to the centroid maximising
     ``x·μ − ½‖μ‖²`` (the nearest; ties to the lowest index); an empty cluster keeps its centroid; invalid
     tokens get the sentinel index ``clusters`` and move no centroid.
 
@@ -127,13 +138,17 @@ def kmeans(x: torch.Tensor, clusters: int, iters: int, valid: Optional[torch.Ten
         rank = torch.floor((torch.arange(clusters, device=x.device) + 0.5) * nvalid / clusters).long()
         idx = torch.gather(order, -1, rank.clamp(max=L - 1))
     mu = torch.gather(xf, -2, idx.unsqueeze(-1).expand(*lead, clusters, D))
+    r = kmeans_fit_stride(L, clusters)
     for it in range(iters + 1):
-        assign = (xf @ mu.transpose(-1, -2) - 0.5 * (mu * mu).sum(-1).unsqueeze(-2)).argmax(-1)
+        final = it == iters
+        xs = xf if final else xf[..., ::r, :]
+        assign = (xs @ mu.transpose(-1, -2) - 0.5 * (mu * mu).sum(-1).unsqueeze(-2)).argmax(-1)
         if valid is not None:
-            assign = torch.where(valid, assign, torch.full_like(assign, clusters))
-        if it == iters:
+            vs = valid if final else valid[..., ::r]
+            assign = torch.where(vs, assign, torch.full_like(assign, clusters))
+        if final:
             break
-        sums, counts = _segment_sum(xf, assign, clusters)
+        sums, counts = _segment_sum(xs, assign, clusters)
         mu = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1), mu)
     return assign, mu
 

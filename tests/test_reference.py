@@ -141,8 +141,10 @@ def test_all_keys_masked_gives_zeros():
 # ------------------------------------------------------------------------------- accuracy
 
 
-# RSE measured on this data (seed 1, B=1, H=4, N=2048, D=64, 64 modes) on 2026-11-22; bounds = measured + margin
-MIXTURE_BOUNDS = {16: (0.33, 0.26), 32: (0.16, 0.10), 64: (0.035, 0.022)}
+# Worst-head RSE measured on this data (seed 1, B=1, H=4, N=2048, D=64, 64 modes) on 2026-11-22 with the strided
+# k-means fit: monopole 0.330 / 0.154 / 0.0348, dipole 0.261 / 0.1008 / 0.0210 (C = 16 / 32 / 64);
+# bounds = measured + about 10 %
+MIXTURE_BOUNDS = {16: (0.36, 0.29), 32: (0.17, 0.11), 64: (0.038, 0.023)}
 
 
 @pytest.mark.parametrize("C", sorted(MIXTURE_BOUNDS))
