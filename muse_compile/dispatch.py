@@ -44,16 +44,8 @@ def _triton_modules():
 
 
 def _supports(plan, q, k, v, causal, key_padding_mask, plan_kw=None) -> Tuple[bool, str]:
-    fn = getattr(plan, "supports", None)
-    if fn is None:
-        return False, "lowering.plan has no supports()"
-    try:
-        res = fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, **(plan_kw or {}))
-    except TypeError:  # an older supports() without the policy keywords
-        res = fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
-    if isinstance(res, tuple):
-        return bool(res[0]), str(res[1]) if len(res) > 1 else ""
-    return bool(res), ""
+    ok, reason = plan.supports(q, k, v, causal=causal, key_padding_mask=key_padding_mask, **(plan_kw or {}))
+    return bool(ok), str(reason)
 
 
 def resolve_impl(q, k, v, *, causal: bool, key_padding_mask: Optional[torch.Tensor], impl: str,
