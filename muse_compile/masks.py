@@ -154,6 +154,30 @@ def _run(gm: fx.GraphModule, nodes: List[fx.Node], env: Dict[fx.Node, Any]) -> D
     return env
 
 
+def constant_scalar(gm: fx.GraphModule, node: Any) -> Optional[float]:
+    """The value of a one-element floating tensor computed in the graph from constants alone (e.g.
+    ``torch.tensor(d) ** -0.5``, ``torch.sqrt(torch.tensor(d))``), else None. Anything fed by a graph input
+    (an activation, a parameter, a buffer, or a symbolic size whose value is only a hint) is not constant."""
+    if not isinstance(node, fx.Node):
+        return None
+    ex = _compat.node_example(node)
+    if not isinstance(ex, torch.Tensor) or ex.numel() != 1 or not ex.is_floating_point():
+        return None
+    nodes = _ancestors([node])
+    if any(n.op not in ("call_function", "call_method", "get_attr") for n in nodes):
+        return None
+    if any(n.op == "call_function" and _target_name(n) in _RANDOM_OPS for n in nodes):
+        return None
+    try:
+        leaves = _classify_leaves(gm, nodes)
+        if leaves.problem or any(isinstance(v, torch.nn.Parameter) for v in leaves.values.values()):
+            return None
+        val = _run(gm, nodes, leaves.values)[node]
+    except Exception:
+        return None
+    return float(val) if isinstance(val, torch.Tensor) and val.numel() == 1 else None
+
+
 def _probes(t: torch.Tensor, count: int = 4) -> List[torch.Tensor]:
     g = torch.Generator().manual_seed(1234)
     shape = tuple(t.shape)

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import _compat
-from .masks import MaskComponent, analyze_masks
+from .masks import MaskComponent, analyze_masks, constant_scalar
 
 __all__ = ["Candidate", "find_candidates"]
 
@@ -409,6 +409,15 @@ def _handwritten(gm: fx.GraphModule, sm: fx.Node) -> Candidate:
                 check_factor *= _symscalar(x)
                 cur = y
                 continue
+            cx, cy = constant_scalar(gm, x), constant_scalar(gm, y)
+            if cy is not None and isinstance(x, fx.Node):
+                factor *= cy
+                cur = x
+                continue
+            if cx is not None and isinstance(y, fx.Node):
+                factor *= cx
+                cur = y
+                continue
             return c.fail(_why_not_attention(cur, "multiplication by a tensor between q@kᵀ and softmax"))
         if _is_call(cur, _DIV_FNS, ("div", "__truediv__")):
             x, y = cur.args[0], cur.args[1]
@@ -420,6 +429,11 @@ def _handwritten(gm: fx.GraphModule, sm: fx.Node) -> Candidate:
             if _symscalar(y) and isinstance(x, fx.Node) and not cur.kwargs.get("rounding_mode"):
                 sym.append(("div", y))
                 check_factor /= _symscalar(y)
+                cur = x
+                continue
+            cy = constant_scalar(gm, y)
+            if cy and isinstance(x, fx.Node) and not cur.kwargs.get("rounding_mode"):
+                factor /= cy
                 cur = x
                 continue
             return c.fail(_why_not_attention(cur, "division by a tensor between q@kᵀ and softmax"))

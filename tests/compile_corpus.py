@@ -314,6 +314,22 @@ def decoy_alibi(q, k, v):
     return torch.softmax(s, -1) @ v
 
 
+def hand_tensor_constant_scale(q, k, v):
+    s = torch.matmul(q, k.transpose(-1, -2)) / torch.sqrt(torch.tensor(float(q.shape[-1])))
+    return torch.softmax(s, -1) @ v
+
+
+class DecoyLearnedTemperature(nn.Module):
+    """A learned scale is a parameter: it may change between calls, so it cannot be folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.temp = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * self.temp, -1) @ v
+
+
 def _f(fn):
     return lambda: fn
 
@@ -351,6 +367,7 @@ CORPUS = [
           pad_in_op=True),
     Entry("hand_dropout_eval", _f(hand_dropout_eval), kind=MM),
     Entry("hand_cross", _f(hand_cross), kind=MM, m=M_CROSS),
+    Entry("hand_tensor_constant_scale", _f(hand_tensor_constant_scale), kind=MM),
 ]
 
 DECOYS = [
@@ -371,6 +388,7 @@ DECOYS = [
     Entry("decoy_sdpa_dropout", _f(decoy_sdpa_dropout), kind="sdpa", decoy=True, reason="dropout_p=0.1",
           random=True),
     Entry("decoy_alibi", _f(decoy_alibi), kind="softmax", decoy=True, reason="bias"),
+    Entry("decoy_learned_temperature", DecoyLearnedTemperature, kind="softmax", decoy=True, reason="tensor"),
 ]
 
 
