@@ -24,6 +24,9 @@ __all__ = ["muse_attention", "make_plan"]
 ALL_PHASES = frozenset({"local", "cluster", "stage1", "stage2", "cast"})
 _DEBUG = None
 TUNE: dict = {}   # plan field overrides for tuning runs (e.g. {"warps_stage": 4}); empty in normal use
+# TUNE keys that are no plan fields: "fit_stride" (force the k-means fit stride; timing only, the result then
+# differs from the reference)
+_TUNE_EXTRA = ("fit_stride",)
 
 
 def make_plan(q, k, v, *, causal=False, clusters=128, query_clusters=None, dipole=True, kmeans_iters=2,
@@ -48,7 +51,7 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
                    kmeans_iters=kmeans_iters, block_size=block_size, key_padding_mask=key_padding_mask)
     if TUNE:
         import dataclasses
-        pl = dataclasses.replace(pl, **TUNE)
+        pl = dataclasses.replace(pl, **{x: y for x, y in TUNE.items() if x not in _TUNE_EXTRA})
     mod = module_for(pl)
     B, H, N, D = q.shape
     Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -142,6 +145,8 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     ps = lv.pair_stride
     dummy = qsums
     rq, rk = kmeans_fit_stride(Lf, Cq), kmeans_fit_stride(Lk, Ck)
+    if "fit_stride" in TUNE:
+        rq = rk = int(TUNE["fit_stride"])
     tq, tk = _tiles(NSq, Lf, BN), _tiles(NSk, Lk, BN)
     npq, npk = triton_cdiv(Lf, BN * tq), triton_cdiv(Lk, BN * tk)
     qpb = torch.empty(NSq * npq * Cq, device=dev, dtype=i32)
@@ -218,7 +223,7 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
             mod.guard[(NSq, ns)](q, scale, qbar, u, qassign, kt, vt, beta, gs, sig, po, plse, lam,
                                  G, P, N, fit_off, ps, Lf, ns, CQ=Cq, CK=Ck, BCK=BCk, num_warps=nw)
             if _DEBUG is not None:
-                _DEBUG.update(numden=lam.clone(), kt=kt, vt=vt, beta=beta, gs=gs, sig=sig, po=po, plse=plse, qbar=qbar,
+                _DEBUG.update(kassign=kassign, qcnt=qcnt, kcnt=kcnt, numden=lam.clone(), kt=kt, vt=vt, beta=beta, gs=gs, sig=sig, po=po, plse=plse, qbar=qbar,
                               u=u, qassign=qassign, dims=(NSq, ns, Cq, Ck, BD, BDV, G, Lf))
     if "stage2" in phases:
         mod.stage2[(NSq, Cq)](q, scale, aperm, acount, kt, vt, beta, gs, sig, qbar, u, lam, out, lse,

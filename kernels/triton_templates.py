@@ -3,8 +3,8 @@
 The template is specialised per kernel spec by ``string.Template`` substitution of:
 
 ``$D`` / ``$DV`` (head dim / value dim), ``$BD`` / ``$BDV`` (their power-of-two paddings, >= 16), ``$PREC``
-(``tl.dot`` input precision: "ieee" for float32 inputs and the CPU interpreter, "tf32" for 16-bit inputs on
-the GPU; fp32 accumulation always), ``$DIPOLE`` (True/False), ``$U0`` (the first power-iteration vector
+(``tl.dot`` input precision: "ieee" in the CPU interpreter, "tf32x3" for float32 inputs on the GPU, "tf32"
+for 16-bit inputs on the GPU; fp32 accumulation always), ``$DIPOLE`` (True/False), ``$U0`` (the first power-iteration vector
 expression).
 
 Conventions shared by all kernels (see ``kernels/reference.py`` for the math):

@@ -35,7 +35,7 @@ class KernelSpec:
     """What the generated source depends on (everything else is a runtime argument or a block size)."""
     head_dim: int
     value_dim: int
-    precision: str        # "ieee" | "tf32"
+    precision: str        # "ieee" | "tf32" | "tf32x3"
     dipole: bool
 
     @property
