@@ -17,9 +17,12 @@ from muse_compile.lowering.codegen import KernelSpec, _pow2, load, render
 from muse_compile.lowering.schedule import causal_schedule
 
 __all__ = ["KernelPlan", "LevelPlan", "plan", "supports", "generated_source", "describe",
-           "MAX_CLUSTERS", "MAX_HEAD_DIM", "GUARD_SAMPLES", "POWER_ITERS"]
+           "MAX_CLUSTERS", "MAX_CLUSTERS_GPU", "MAX_HEAD_DIM", "GUARD_SAMPLES", "POWER_ITERS"]
 
-MAX_CLUSTERS = 256          # clusters per set the kernels hold in registers
+MAX_CLUSTERS = 256          # clusters per set the kernels hold in registers (interpreter)
+# On the GPU: at 256 (padded) clusters the k-means pass needs 320 KiB of shared memory (measured on the H100,
+# 2026-11-22: OutOfResources, limit 227 KiB) and stage 2 holds three [256, D] fp32 tiles; 128 ran (32k, C=128).
+MAX_CLUSTERS_GPU = 128
 MAX_HEAD_DIM = 256
 from muse_compile.kernels.reference import GUARD_SAMPLES, POWER_ITERS  # noqa: E402  (same constants)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -192,8 +195,9 @@ def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: 
         return False, f"head dims {D}/{Dv} exceed {MAX_HEAD_DIM}"
     qc = clusters if query_clusters is None else query_clusters
     N, M = q.shape[2], k.shape[2]
-    if min(qc, N) > MAX_CLUSTERS or min(clusters, M) > MAX_CLUSTERS:
-        return False, f"more than {MAX_CLUSTERS} clusters per set (clusters={clusters}, query_clusters={qc})"
+    cap = MAX_CLUSTERS if _interpreting() else MAX_CLUSTERS_GPU
+    if min(qc, N) > cap or min(clusters, M) > cap:
+        return False, f"more than {cap} clusters per set (clusters={clusters}, query_clusters={qc})"
     if q.shape[1] % k.shape[1] != 0:
         return False, "query heads are not a multiple of key/value heads"
     if causal and N != M:
