@@ -384,59 +384,34 @@ def _handwritten(gm: fx.GraphModule, sm: fx.Node) -> Candidate:
         if _is_matmul(cur):
             break
         if cur.op == "call_method" and cur.target in _CAST_METHODS:
-            if cur.target in ("to", "type") and any(isinstance(x, fx.Node) for x in cur.args[1:]):
-                pass
             cur = cur.args[0]
             continue
-        if _is_call(cur, _MUL_FNS, ("mul", "__mul__", "__rmul__")):
+        is_mul = _is_call(cur, _MUL_FNS, ("mul", "__mul__", "__rmul__"))
+        if is_mul or _is_call(cur, _DIV_FNS, ("div", "__truediv__")):
             x, y = cur.args[0], cur.args[1]
-            sx, sy = _scalar(x), _scalar(y)
-            if sy is not None and isinstance(x, fx.Node):
-                factor *= sy
-                cur = x
-                continue
-            if sx is not None and isinstance(y, fx.Node):
-                factor *= sx
-                cur = y
-                continue
-            if _symscalar(y) is not None and isinstance(x, fx.Node):
-                sym.append(("mul", y))
-                check_factor *= _symscalar(y)
-                cur = x
-                continue
-            if _symscalar(x) is not None and isinstance(y, fx.Node):
-                sym.append(("mul", x))
-                check_factor *= _symscalar(x)
-                cur = y
-                continue
-            cx, cy = constant_scalar(gm, x), constant_scalar(gm, y)
-            if cy is not None and isinstance(x, fx.Node):
-                factor *= cy
-                cur = x
-                continue
-            if cx is not None and isinstance(y, fx.Node):
-                factor *= cx
-                cur = y
-                continue
-            return c.fail(_why_not_attention(cur, "multiplication by a tensor between q@kᵀ and softmax"))
-        if _is_call(cur, _DIV_FNS, ("div", "__truediv__")):
-            x, y = cur.args[0], cur.args[1]
-            sy = _scalar(y)
-            if sy is not None and sy != 0 and isinstance(x, fx.Node) and not cur.kwargs.get("rounding_mode"):
-                factor /= sy
-                cur = x
-                continue
-            if _symscalar(y) and isinstance(x, fx.Node) and not cur.kwargs.get("rounding_mode"):
-                sym.append(("div", y))
-                check_factor /= _symscalar(y)
-                cur = x
-                continue
-            cy = constant_scalar(gm, y)
-            if cy and isinstance(x, fx.Node) and not cur.kwargs.get("rounding_mode"):
-                factor /= cy
-                cur = x
-                continue
-            return c.fail(_why_not_attention(cur, "division by a tensor between q@kᵀ and softmax"))
+            # a product may carry the scale on either side, a quotient only as the divisor; the scale is a
+            # Python number, a one-element tensor computed from constants, or a symbolic size (folded into q)
+            sides = ((x, y), (y, x)) if is_mul else ((x, y),)
+            for other, s in sides:
+                if not isinstance(other, fx.Node) or (not is_mul and cur.kwargs.get("rounding_mode")):
+                    continue
+                val = _scalar(s)
+                if val is None:
+                    val = constant_scalar(gm, s)
+                if val is not None and (is_mul or val != 0):
+                    factor = factor * val if is_mul else factor / val
+                    cur = other
+                    break
+                sv = _symscalar(s)
+                if sv is not None and (is_mul or sv != 0):
+                    sym.append(("mul" if is_mul else "div", s))
+                    check_factor = check_factor * sv if is_mul else check_factor / sv
+                    cur = other
+                    break
+            else:
+                what = "multiplication" if is_mul else "division"
+                return c.fail(_why_not_attention(cur, f"{what} by a tensor between q@kᵀ and softmax"))
+            continue
         if _is_call(cur, (torch.masked_fill,), ("masked_fill",)):
             x, m = cur.args[0], cur.args[1]
             val = cur.args[2] if len(cur.args) > 2 else cur.kwargs.get("value")
