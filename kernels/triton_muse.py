@@ -26,7 +26,8 @@ _DEBUG = None
 TUNE: dict = {}   # plan field overrides for tuning runs (e.g. {"warps_stage": 4}); empty in normal use
 # TUNE keys that are no plan fields: "fit_stride" (force the k-means fit stride; timing only, the result then
 # differs from the reference)
-_TUNE_EXTRA = ("fit_stride",)
+# "native_16bit_in_interpreter" (run the GPU's 16-bit dot path in the interpreter; tests)
+_TUNE_EXTRA = ("fit_stride", "native_16bit_in_interpreter")
 
 
 def make_plan(q, k, v, *, causal=False, clusters=128, query_clusters=None, dipole=True, kmeans_iters=2,
@@ -34,7 +35,8 @@ def make_plan(q, k, v, *, causal=False, clusters=128, query_clusters=None, dipol
     B, H, N, D = q.shape
     return plan(batch=B, heads=H, kv_heads=k.shape[1], n=N, m=k.shape[2], head_dim=D, value_dim=v.shape[-1],
                 dtype=q.dtype, causal=causal, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
-                kmeans_iters=kmeans_iters, block_size=block_size, has_mask=key_padding_mask is not None)
+                kmeans_iters=kmeans_iters, block_size=block_size, has_mask=key_padding_mask is not None,
+                native_16bit_in_interpreter=bool(TUNE.get("native_16bit_in_interpreter", False)))
 
 
 def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clusters=None, dipole=True,
@@ -198,10 +200,11 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
             mod.scatter_perm[(NSq, triton_cdiv(La, BN))](acnt, aassign, apos, apb, aperm, G, P, N, lv.ans_off, ps,
                                                          La, npa, BN * ta, C=Cq, BC=BCq, BN=BN, num_warps=nw)
     A = G * Cq
-    kt = torch.empty(NSk * A * Ck * BD, device=dev, dtype=f32)
-    vt = torch.empty(NSk * A * Ck * BDV, device=dev, dtype=f32)
+    sdt = q.dtype if spec.native else f32     # k̃, ṽ, g storage (β, σ stay float32)
+    kt = torch.empty(NSk * A * Ck * BD, device=dev, dtype=sdt)
+    vt = torch.empty(NSk * A * Ck * BDV, device=dev, dtype=sdt)
     beta = torch.empty(NSk * A * Ck, device=dev, dtype=f32)
-    gs = torch.empty(NSk * A * Ck * BDV, device=dev, dtype=f32) if spec.dipole else vt
+    gs = torch.empty(NSk * A * Ck * BDV, device=dev, dtype=sdt) if spec.dipole else vt
     sig = torch.empty(NSk * A * Ck, device=dev, dtype=f32) if spec.dipole else beta
     ns = min(Lf, GUARD_SAMPLES)
     BS = 32
@@ -216,7 +219,7 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     nab = triton_cdiv(A, BA)
     if "stage1" in phases:
         mod.stage1[(NSk, Ck, nab + nsb)](
-            k, v, qbar, u, kperm, kcnt[T], q, scale, kt, vt, beta, gs, sig, po, plse,
+            k, v, qbar, u, kperm, kcnt[T], kmu[T], q, scale, kt, vt, beta, gs, sig, po, plse,
             G, P, M, k_off, ps, Lk, N, fit_off, ps, Lf, ns,
             CQ=Cq, CK=Ck, BCK=BCk, BA=BA, BN=pl.bn_stage1, NAB=nab, BS=BS, num_warps=pl.warps_stage)
         if spec.dipole:

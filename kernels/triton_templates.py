@@ -4,7 +4,10 @@ The template is specialised per kernel spec by ``string.Template`` substitution 
 
 ``$D`` / ``$DV`` (head dim / value dim), ``$BD`` / ``$BDV`` (their power-of-two paddings, >= 16), ``$PREC``
 (``tl.dot`` input precision: "ieee" in the CPU interpreter, "tf32x3" for float32 inputs on the GPU, "tf32"
-for 16-bit inputs on the GPU; fp32 accumulation always), ``$DIPOLE`` (True/False), ``$U0`` (the first power-iteration vector
+for 16-bit inputs on the GPU; fp32 accumulation always), ``$DIPOLE`` (True/False), ``$NATIVE`` / ``$CDT`` (16-bit inputs on the GPU: dot operands stay in the
+input dtype ``$CDT``, flash-style, with fp32 accumulation; centroids, tilt points, dipole directions and the
+k̃/ṽ/g summaries are rounded to ``$CDT`` once, where they are made, and every consumer uses the rounded values,
+so the rounding only moves the tilt points and never makes the kernels disagree with each other), ``$U0`` (the first power-iteration vector
 expression).
 
 Conventions shared by all kernels (see ``kernels/reference.py`` for the math):
@@ -73,8 +76,15 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
             tl.store(mu_out + wptr, mu, mask=cmask[:, None])
     else:
         mu = tl.load(mu_prev + wptr, mask=cmask[:, None], other=0.0)
-    half = 0.5 * tl.sum(mu * mu, 1)
-    mut = tl.trans(mu)
+    if $NATIVE:
+        # the scale multiplies the dot and the sums, so the tokens stay in their dtype
+        mu_c = mu.to($CDT)
+        mu_r = mu_c.to(tl.float32)
+        half = 0.5 * tl.sum(mu_r * mu_r, 1)
+        mut = tl.trans(mu_c)
+    else:
+        half = 0.5 * tl.sum(mu * mu, 1)
+        mut = tl.trans(mu)
     if SUMS:
         psum = tl.zeros([BC, $BD], dtype=tl.float32)
     pcnt = tl.zeros([BC], dtype=tl.int32)
@@ -83,9 +93,14 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
         offs_n = (chunk * TILES + ti) * BN + tl.arange(0, BN)
         nmask = offs_n < Ls
         tok = offs_n * TSTRIDE
-        x = tl.load(X + (row0 + tok)[:, None] * $D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32) * scale_x
-        sc = tl.dot(x, mut, input_precision="$PREC") - half[None, :]
+        if $NATIVE:
+            x = tl.load(X + (row0 + tok)[:, None] * $D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+                        other=0.0)
+            sc = tl.dot(x, mut) * scale_x - half[None, :]
+        else:
+            x = tl.load(X + (row0 + tok)[:, None] * $D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+                        other=0.0).to(tl.float32) * scale_x
+            sc = tl.dot(x, mut, input_precision="$PREC") - half[None, :]
         sc = tl.where(cmask[None, :], sc, float("-inf"))
         a = tl.argmax(sc, 1, tie_break_left=True).to(tl.int32)
         ok = nmask
@@ -96,7 +111,10 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
             a = tl.where(ok, a, C)
         onehot = (a[:, None] == offs_c[None, :]) & ok[:, None]
         if SUMS:
-            psum += tl.dot(tl.trans(onehot.to(tl.float32)), x, input_precision="$PREC")
+            if $NATIVE:
+                psum += tl.dot(tl.trans(onehot.to($CDT)), x)
+            else:
+                psum += tl.dot(tl.trans(onehot.to(tl.float32)), x, input_precision="$PREC")
         oi = onehot.to(tl.int32)
         if FINAL:
             cum = tl.cumsum(oi, 0)
@@ -105,6 +123,8 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
             tl.store(pos_out + abase + offs_n, rank, mask=nmask)
         pcnt += tl.sum(oi, 0)
     if SUMS:
+        if $NATIVE:
+            psum = psum * scale_x
         tl.atomic_add(sums_out + wptr, psum, mask=cmask[:, None])
     base = tl.atomic_add(cnt_out + wbase + offs_c, pcnt, mask=cmask)
     if FINAL:
@@ -158,6 +178,8 @@ def centroid_dir(X, scale_x, mu, sums, cnt, perm, qbar_out, u_out, GS, P, LEN_TO
     mu_a = tl.load(mu + rp)
     sum_a = tl.load(sums + rp)
     qb = tl.where(n_a > 0, sum_a / tl.maximum(n_a, 1).to(tl.float32), mu_a)
+    if $NATIVE:
+        qb = qb.to($CDT).to(tl.float32)
     tl.store(qbar_out + rp, qb)
     if $DIPOLE:
         cov = tl.zeros([$BD, $BD], dtype=tl.float32)
@@ -168,6 +190,8 @@ def centroid_dir(X, scale_x, mu, sums, cnt, perm, qbar_out, u_out, GS, P, LEN_TO
             x = tl.load(X + (row0 + idx)[:, None] * $D + offs_d[None, :], mask=m[:, None] & dmask[None, :],
                         other=0.0).to(tl.float32) * scale_x
             dl = tl.where(m[:, None] & dmask[None, :], x - qb[None, :], 0.0)
+            # float32 operands even for 16-bit inputs: on near-isotropic offsets the main direction is
+            # ill-conditioned and should not move with the input dtype more than it must
             cov += tl.dot(tl.trans(dl), dl, input_precision="$PREC")
         u = $U0
         u = u / tl.sqrt(tl.sum(u * u, 0))
@@ -175,11 +199,13 @@ def centroid_dir(X, scale_x, mu, sums, cnt, perm, qbar_out, u_out, GS, P, LEN_TO
             nu = tl.sum(cov * u[None, :], 1)
             nrm = tl.sqrt(tl.sum(nu * nu, 0))
             u = tl.where(nrm > 0, nu / tl.maximum(nrm, 1.1754943508222875e-38), u)
+        if $NATIVE:
+            u = u.to($CDT).to(tl.float32)
         tl.store(u_out + rp, u)
 
 
 @triton.jit
-def stage1(K, V, qbar, u, permk, cntk, Q, scale_q, kt_out, vt_out, beta_out, g_out, sig_out, po_out, plse_out,
+def stage1(K, V, qbar, u, permk, cntk, kmu, Q, scale_q, kt_out, vt_out, beta_out, g_out, sig_out, po_out, plse_out,
            G, P, M_TOT, K_OFF, K_PSTRIDE, LK, N_TOT, Q_OFF, Q_PSTRIDE, LF, NSAMP,
            CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr, BA: tl.constexpr, BN: tl.constexpr,
            NAB: tl.constexpr, BS: tl.constexpr):
@@ -207,8 +233,14 @@ def stage1(K, V, qbar, u, permk, cntk, Q, scale_q, kt_out, vt_out, beta_out, g_o
         amask = offs_a < A
         arow = zp.to(tl.int64) * A + offs_a
         qb = tl.load(qbar + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
+        qb_c = qb.to($CDT)
         if $DIPOLE:
             uu = tl.load(u + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
+            uu_c = uu.to($CDT)
+            # u·k is measured from u·μ_j (μ_j: the cluster's k-means centroid), so the tilted moments behind g
+            # and σ do not cancel: E[w·u·k]² ≫ Var(u·k) for tight clusters, and 16-bit products lose Var
+            kmu_j = tl.load(kmu + (zp.to(tl.int64) * CK + j) * $BD + offs_d)
+            shift = tl.sum(uu * kmu_j[None, :], 1)
             acc_g = tl.zeros([BA, $BDV], dtype=tl.float32)
             acc_s = tl.zeros([BA], dtype=tl.float32)
         m = tl.full([BA], float("-inf"), tl.float32)
@@ -220,35 +252,39 @@ def stage1(K, V, qbar, u, permk, cntk, Q, scale_q, kt_out, vt_out, beta_out, g_o
             msk = offs < n_j
             idx = tl.load(permk + pbase + offs, mask=msk, other=0)
             kc = tl.load(K + (krow0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
-                         other=0.0).to(tl.float32)
+                         other=0.0).to($CDT)
             vc = tl.load(V + (krow0 + idx)[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
-                         other=0.0).to(tl.float32)
-            sc = tl.dot(qb, tl.trans(kc), input_precision="$PREC")
+                         other=0.0).to($CDT)
+            sc = tl.dot(qb_c, tl.trans(kc), input_precision="$PREC")
             sc = tl.where(msk[None, :], sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, 1))
             alpha = tl.exp(m - m_new)
             w = tl.exp(sc - m_new[:, None])
             l = l * alpha + tl.sum(w, 1)
-            acc_k = acc_k * alpha[:, None] + tl.dot(w, kc, input_precision="$PREC")
-            acc_v = acc_v * alpha[:, None] + tl.dot(w, vc, input_precision="$PREC")
+            w_c = w.to($CDT)
+            acc_k = acc_k * alpha[:, None] + tl.dot(w_c, kc, input_precision="$PREC")
+            acc_v = acc_v * alpha[:, None] + tl.dot(w_c, vc, input_precision="$PREC")
             if $DIPOLE:
-                pr = tl.dot(uu, tl.trans(kc), input_precision="$PREC")
-                acc_g = acc_g * alpha[:, None] + tl.dot(w * pr, vc, input_precision="$PREC")
+                pr = tl.dot(uu_c, tl.trans(kc), input_precision="$PREC") - shift[:, None]
+                acc_g = acc_g * alpha[:, None] + tl.dot((w * pr).to($CDT), vc, input_precision="$PREC")
                 acc_s = acc_s * alpha + tl.sum(w * pr * pr, 1)
             m = m_new
         ne = l > 0
         inv = tl.where(ne, 1.0 / tl.where(ne, l, 1.0), 0.0)
         kt = acc_k * inv[:, None]
         vt = acc_v * inv[:, None]
-        beta = tl.where(ne, tl.log(tl.where(ne, l, 1.0)) + m - tl.sum(kt * qb, 1), float("-inf"))
+        # k̃ is stored in kt_out's dtype; β uses the stored k̃, so a stage-2 score q·k̃ + β is off by
+        # (q − q̄)·δk̃ only. σ and g (differences of nearly equal tilted moments) use the float32 k̃.
+        kt_r = kt.to(kt_out.dtype.element_ty)
+        beta = tl.where(ne, tl.log(tl.where(ne, l, 1.0)) + m - tl.sum(kt_r.to(tl.float32) * qb, 1), float("-inf"))
         orow = arow * CK + j
-        tl.store(kt_out + orow[:, None] * $BD + offs_d[None, :], kt, mask=amask[:, None])
-        tl.store(vt_out + orow[:, None] * $BDV + offs_v[None, :], vt, mask=amask[:, None])
+        tl.store(kt_out + orow[:, None] * $BD + offs_d[None, :], kt_r, mask=amask[:, None])
+        tl.store(vt_out + orow[:, None] * $BDV + offs_v[None, :], vt.to(vt_out.dtype.element_ty), mask=amask[:, None])
         tl.store(beta_out + orow, beta, mask=amask)
         if $DIPOLE:
-            ukt = tl.sum(kt * uu, 1)
+            ukt = tl.sum(kt * uu, 1) - shift
             gg = acc_g * inv[:, None] - ukt[:, None] * vt
-            tl.store(g_out + orow[:, None] * $BDV + offs_v[None, :], gg, mask=amask[:, None])
+            tl.store(g_out + orow[:, None] * $BDV + offs_v[None, :], gg.to(g_out.dtype.element_ty), mask=amask[:, None])
             tl.store(sig_out + orow, tl.sqrt(tl.maximum(acc_s * inv - ukt * ukt, 0.0)), mask=amask)
     else:
         offs_r = (blk - NAB) * BS + tl.arange(0, BS)
@@ -258,7 +294,7 @@ def stage1(K, V, qbar, u, permk, cntk, Q, scale_q, kt_out, vt_out, beta_out, g_o
         pos = tl.minimum(((si.to(tl.float64) + 0.6180339887) * LF / NSAMP).to(tl.int32), LF - 1)
         qrow = (z * G + gq).to(tl.int64) * N_TOT + Q_OFF + p * Q_PSTRIDE + pos
         qsm = tl.load(Q + qrow[:, None] * $D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
-                      other=0.0).to(tl.float32) * scale_q
+                      other=0.0).to($CDT)
         s_m = tl.full([BS], float("-inf"), tl.float32)
         s_l = tl.zeros([BS], dtype=tl.float32)
         s_acc = tl.zeros([BS, $BDV], dtype=tl.float32)
@@ -267,16 +303,16 @@ def stage1(K, V, qbar, u, permk, cntk, Q, scale_q, kt_out, vt_out, beta_out, g_o
             s_msk = s_offs < n_j
             s_idx = tl.load(permk + pbase + s_offs, mask=s_msk, other=0)
             s_kc = tl.load(K + (krow0 + s_idx)[:, None] * $D + offs_d[None, :], mask=s_msk[:, None] & dmask[None, :],
-                         other=0.0).to(tl.float32)
+                         other=0.0).to($CDT)
             s_vc = tl.load(V + (krow0 + s_idx)[:, None] * $DV + offs_v[None, :], mask=s_msk[:, None] & vmask[None, :],
-                         other=0.0).to(tl.float32)
-            s_sc = tl.dot(qsm, tl.trans(s_kc), input_precision="$PREC")
+                         other=0.0).to($CDT)
+            s_sc = tl.dot(qsm, tl.trans(s_kc), input_precision="$PREC") * scale_q
             s_sc = tl.where(s_msk[None, :], s_sc, float("-inf"))
             s_m_new = tl.maximum(s_m, tl.max(s_sc, 1))
             s_alpha = tl.exp(s_m - s_m_new)
             s_w = tl.exp(s_sc - s_m_new[:, None])
             s_l = s_l * s_alpha + tl.sum(s_w, 1)
-            s_acc = s_acc * s_alpha[:, None] + tl.dot(s_w, s_vc, input_precision="$PREC")
+            s_acc = s_acc * s_alpha[:, None] + tl.dot(s_w.to($CDT), s_vc, input_precision="$PREC")
             s_m = s_m_new
         s_ne = s_l > 0
         s_inv = tl.where(s_ne, 1.0 / tl.where(s_ne, s_l, 1.0), 0.0)
@@ -321,7 +357,7 @@ def guard(Q, scale_q, qbar, u, fit_assign, kt, vt, beta, gsum, sig, po, plse, nu
     le = tl.sum(w, 0)
     exact = tl.sum(w[:, None] * oj, 0) * tl.where(le > 0, 1.0 / tl.where(le > 0, le, 1.0), 0.0)
     srow = arow * CK + offs_k
-    kj = tl.load(kt + srow[:, None] * $BD + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    kj = tl.load(kt + srow[:, None] * $BD + offs_d[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
     bj = tl.load(beta + srow, mask=kmask, other=float("-inf"))
     sj = tl.sum(kj * qsm[None, :], 1) + bj
     ms = tl.max(sj, 0)
@@ -329,8 +365,8 @@ def guard(Q, scale_q, qbar, u, fit_assign, kt, vt, beta, gsum, sig, po, plse, nu
     ws = tl.exp(sj - ms0)
     ls = tl.sum(ws, 0)
     isu = tl.where(ls > 0, 1.0 / tl.where(ls > 0, ls, 1.0), 0.0)
-    vj = tl.load(vt + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0)
-    gj = tl.load(gsum + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0)
+    vj = tl.load(vt + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+    gj = tl.load(gsum + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
     mono = tl.sum(ws[:, None] * vj, 0) * isu
     sg = tl.load(sig + srow, mask=kmask, other=1.0)
     bnd = $TRUST / tl.maximum(sg, 1e-30)
@@ -389,20 +425,20 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
             idx = tl.load(perm + s.to(tl.int64) * LA + start + offs, mask=msk, other=0)
             rows = row0 + idx
             qv = tl.load(Q + rows[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
-                         other=0.0).to(tl.float32) * scale_q
-            sc = tl.dot(qv, tl.trans(ktl), input_precision="$PREC") + bt[None, :]
+                         other=0.0).to($CDT)
+            sc = tl.dot(qv, tl.trans(ktl), input_precision="$PREC") * scale_q + bt[None, :]
             mr = tl.max(sc, 1)
             mr0 = tl.where(mr == float("-inf"), 0.0, mr)
             pr = tl.exp(sc - mr0[:, None])
             l = tl.sum(pr, 1)
             ne = l > 0
             inv = tl.where(ne, 1.0 / tl.where(ne, l, 1.0), 0.0)
-            o = tl.dot(pr, vtl, input_precision="$PREC") * inv[:, None]
+            o = tl.dot(pr.to($CDT), vtl, input_precision="$PREC") * inv[:, None]
             ls = tl.where(ne, mr0 + tl.log(tl.where(ne, l, 1.0)), float("-inf"))
             if $DIPOLE:
-                tt = tl.sum((qv - qb[None, :]) * uu[None, :], 1)
+                tt = tl.sum((qv.to(tl.float32) * scale_q - qb[None, :]) * uu[None, :], 1)
                 tcm = tl.minimum(tl.maximum(tt[:, None], -bnd[None, :]), bnd[None, :])
-                o += (lm * inv)[:, None] * tl.dot(pr * tcm, gl, input_precision="$PREC")
+                o += (lm * inv)[:, None] * tl.dot((pr * tcm).to($CDT), gl, input_precision="$PREC")
             optr = out + rows[:, None] * $DV + offs_v[None, :]
             om = msk[:, None] & vmask[None, :]
             if MERGE:

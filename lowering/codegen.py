@@ -35,8 +35,13 @@ class KernelSpec:
     """What the generated source depends on (everything else is a runtime argument or a block size)."""
     head_dim: int
     value_dim: int
-    precision: str        # "ieee" | "tf32" | "tf32x3"
+    precision: str        # "ieee" | "tf32" | "tf32x3": tl.dot input precision of float32 operands
     dipole: bool
+    dot_dtype: str = "float32"   # "bfloat16" | "float16": 16-bit dot operands (native tensor-core path)
+
+    @property
+    def native(self) -> bool:
+        return self.dot_dtype != "float32"
 
     @property
     def bd(self) -> int:
@@ -47,7 +52,8 @@ class KernelSpec:
         return _pow2(self.value_dim)
 
     def key(self) -> str:
-        return f"d{self.head_dim}_dv{self.value_dim}_{self.precision}_{'dip' if self.dipole else 'mono'}"
+        return (f"d{self.head_dim}_dv{self.value_dim}_{self.precision}_{self.dot_dtype}_"
+                f"{'dip' if self.dipole else 'mono'}")
 
 
 def render(spec: KernelSpec) -> str:
@@ -62,7 +68,8 @@ def render(spec: KernelSpec) -> str:
         u0 = f"tl.where(dmask, 1.0 + offs_d.to(tl.float32) / {d - 1}.0, 0.0)"
     return string.Template(TEMPLATE).substitute(
         SPEC=spec.key(), D=d, DV=spec.value_dim, BD=spec.bd, BDV=spec.bdv, PREC=spec.precision,
-        DIPOLE="True" if spec.dipole else "False", U0=u0, TRUST=repr(float(DIPOLE_TRUST)))
+        DIPOLE="True" if spec.dipole else "False", U0=u0, NATIVE="True" if spec.native else "False",
+        CDT=f"tl.{spec.dot_dtype}", TRUST=repr(float(DIPOLE_TRUST)))
 
 
 def cache_dir() -> str:

@@ -110,11 +110,12 @@ def _level_workspace(lv: LevelPlan, Z: int, G: int, iters: int, bd: int, bdv: in
 def plan(*, batch: int, heads: int, kv_heads: int, n: int, m: int, head_dim: int, value_dim: int,
          dtype: torch.dtype, causal: bool, clusters: int = 128, query_clusters: Optional[int] = None,
          dipole: bool = True, kmeans_iters: int = 2, block_size: int = 256, has_mask: bool = False,
-         interpret: Optional[bool] = None) -> KernelPlan:
+         interpret: Optional[bool] = None, native_16bit_in_interpreter: bool = False) -> KernelPlan:
     """The kernel plan of one call shape (pure function of its arguments)."""
     return _plan(batch, heads, kv_heads, n, m, head_dim, value_dim, dtype, bool(causal), int(clusters),
                  None if query_clusters is None else int(query_clusters), bool(dipole), int(kmeans_iters),
-                 int(block_size), bool(has_mask), _interpreting() if interpret is None else bool(interpret))
+                 int(block_size), bool(has_mask), _interpreting() if interpret is None else bool(interpret),
+                 bool(native_16bit_in_interpreter))
 
 
 def _interpreting() -> bool:
@@ -123,7 +124,7 @@ def _interpreting() -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipole, iters, block_size,
-          has_mask, interpret) -> KernelPlan:
+          has_mask, interpret, native_16bit_in_interpreter) -> KernelPlan:
     G = H // Hkv
     Z = B * Hkv
     qc = clusters if query_clusters is None else query_clusters
@@ -131,7 +132,12 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
     # loops) took 150 s to compile one k-means variant at 64 clusters and longer at 128-256 (measured), which
     # stalled the GPU tests; the interpreter keeps "ieee".
     prec = "ieee" if interpret else ("tf32x3" if dtype == torch.float32 else "tf32")
-    spec = KernelSpec(head_dim=D, value_dim=Dv, precision=prec, dipole=dipole)
+    # 16-bit inputs on the GPU: dot operands stay 16-bit (flash-style; half the shared memory and registers of
+    # the float32 tiles, full tensor-core rate). The interpreter computes in float32 unless a test asks.
+    dot_dtype = "float32"
+    if dtype in (torch.float16, torch.bfloat16) and (not interpret or native_16bit_in_interpreter):
+        dot_dtype = "bfloat16" if dtype == torch.bfloat16 else "float16"
+    spec = KernelSpec(head_dim=D, value_dim=Dv, precision=prec, dipole=dipole, dot_dtype=dot_dtype)
     levels: List[LevelPlan] = []
     exact_chunk = 0
     if not causal:
@@ -217,7 +223,7 @@ def describe(p: KernelPlan) -> str:
     """A short human-readable summary of a plan."""
     lines = [f"MuSe Triton plan: B={p.batch} H={p.heads} Hkv={p.kv_heads} N={p.n} M={p.m} "
              f"D={p.spec.head_dim} Dv={p.spec.value_dim} causal={p.causal} dipole={p.spec.dipole} "
-             f"precision={p.spec.precision} kmeans_iters={p.kmeans_iters} mask={p.has_mask}"]
+             f"precision={p.spec.precision} dots={p.spec.dot_dtype} kmeans_iters={p.kmeans_iters} mask={p.has_mask}"]
     if p.causal:
         lines.append(f"  exact causal chunk: {p.exact_chunk}")
     for lv in p.levels:

@@ -26,7 +26,7 @@ def _data(B, H, Hkv, N, M, D, Dv, dtype, seed, modes=6):
     return mix(H, N).to(dtype), mix(Hkv, M).to(dtype), torch.randn(B, Hkv, M, Dv, generator=g).to(dtype)
 
 
-def _check(q, k, v, tol=1e-4, **kw):
+def _check(q, k, v, tol=1e-4, lse_tol=1e-5, **kw):
     o1, l1 = T.muse_attention(q, k, v, **kw)
     o0, l0 = R.muse_attention(q, k, v, **kw)
     assert o1.dtype == q.dtype and o1.shape == o0.shape and l1.dtype == torch.float32
@@ -35,7 +35,7 @@ def _check(q, k, v, tol=1e-4, **kw):
     fin = torch.isfinite(l0)
     assert torch.equal(fin, torch.isfinite(l1))
     if fin.any():
-        assert _rel(l1[fin], l0[fin]) <= 1e-5
+        assert _rel(l1[fin], l0[fin]) <= lse_tol
     return o1, l1
 
 
@@ -114,3 +114,21 @@ def test_supports_and_errors():
     assert not ok and "clusters" in why
     with pytest.raises(ValueError):
         T.muse_attention(q.double(), q.double(), q.double())
+
+
+@pytest.mark.parametrize("causal,dipole", [(False, False), (False, True), (True, True)])
+def test_native_16bit_path_matches_reference(causal, dipole):
+    """The GPU's 16-bit path (16-bit dot operands, 16-bit k̃/ṽ/g, rounded tilt points), run in the interpreter.
+
+    Not bit-comparable with the float32 reference: tilt points and summaries are rounded to fp16. Measured
+    (2026-11-22): rel err 3e-4..7e-4 monopole, 0.9e-3..1.7e-3 with the dipole (its direction is
+    ill-conditioned on this data's isotropic offsets), lse 2e-5..3e-5; the bounds leave 3x room."""
+    q, k, v = _data(2, 2, 1, 80, 80, 16, 16, torch.float16, seed=3)
+    kpm = torch.rand(2, 80, generator=torch.Generator().manual_seed(1)) > 0.3
+    kw = dict(clusters=6, causal=causal, dipole=dipole, block_size=16, key_padding_mask=kpm)
+    T.TUNE["native_16bit_in_interpreter"] = True
+    try:
+        assert T.make_plan(q, k, v, **{x: y for x, y in kw.items()}).spec.dot_dtype == "float16"
+        _check(q, k, v, tol=5e-3, lse_tol=1e-4, **kw)
+    finally:
+        T.TUNE.clear()
