@@ -119,7 +119,12 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     BN = pl.bn_kmeans
     f32, i32 = torch.float32, torch.int32
     nw = pl.warps
-    kw_warps = pl.warps_kmeans
+    kw_k = dict(num_warps=pl.warps_kmeans, RANK_DOT=pl.rank_dot)
+    kw_s = dict(num_warps=pl.warps_stage)
+    if pl.stages_kmeans:
+        kw_k["num_stages"] = pl.stages_kmeans
+    if pl.stages_stage:
+        kw_s["num_stages"] = pl.stages_stage
     # zero-initialised workspace (sums and counts of every pass), one allocation
     nq_sum = (T + 1) * NSq * Cq * BD
     nk_sum = (T + 1) * NSk * Ck * BD
@@ -165,13 +170,13 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
                 q, scale, dummy, qmu[prev], qsums[prev], qcnt[prev], qmu[t], qsums[t], qcnt[t], qassign, qpos, qpb,
                 dummy, G, P, N, fit_off, ps, Lf, Hkv, r_q, npq,
                 C=Cq, BC=BCq, BN=BN, TILES=t_q, MODE=mode, INIT_IDX=False, HAS_VALID=False, SUMS=True,
-                FINAL=final, num_warps=kw_warps)
+                FINAL=final, **kw_k)
             mod.kmeans_pass[(NSk, triton_cdiv(triton_cdiv(Lk, r_k), BN * t_k))](
                 k, 1.0, init if init is not None else dummy, kmu[prev], ksums[prev], kcnt[prev], kmu[t], ksums[t],
                 kcnt[t], kassign, kpos, kpb, valid if valid is not None else dummy,
                 1, P, M, k_off, ps, Lk, Hkv, r_k, npk,
                 C=Ck, BC=BCk, BN=BN, TILES=t_k, MODE=mode, INIT_IDX=init is not None, HAS_VALID=valid is not None,
-                SUMS=not final, FINAL=final, num_warps=kw_warps)
+                SUMS=not final, FINAL=final, **kw_k)
         mod.scatter_perm[(NSq, triton_cdiv(Lf, BN))](qcnt[T], qassign, qpos, qpb, qperm, G, P, N, fit_off, ps, Lf,
                                                      npq, BN * tq, C=Cq, BC=BCq, BN=BN, num_warps=nw)
         mod.scatter_perm[(NSk, triton_cdiv(Lk, BN))](kcnt[T], kassign, kpos, kpb, kperm, 1, P, M, k_off, ps, Lk,
@@ -196,7 +201,7 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
                 q, scale, dummy, qbar, dummy, acnt, dummy, dummy, acnt, aassign, apos, apb, dummy,
                 G, P, N, lv.ans_off, ps, La, Hkv, 1, npa,
                 C=Cq, BC=BCq, BN=BN, TILES=ta, MODE=2, INIT_IDX=False, HAS_VALID=False, SUMS=False, FINAL=True,
-                num_warps=kw_warps)
+                **kw_k)
             mod.scatter_perm[(NSq, triton_cdiv(La, BN))](acnt, aassign, apos, apb, aperm, G, P, N, lv.ans_off, ps,
                                                          La, npa, BN * ta, C=Cq, BC=BCq, BN=BN, num_warps=nw)
     A = G * Cq
@@ -221,7 +226,7 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
         mod.stage1[(NSk, Ck, nab + nsb)](
             k, v, qbar, u, kperm, kcnt[T], kmu[T], q, scale, kt, vt, beta, gs, sig, po, plse,
             G, P, M, k_off, ps, Lk, N, fit_off, ps, Lf, ns,
-            CQ=Cq, CK=Ck, BCK=BCk, BA=BA, BN=pl.bn_stage1, NAB=nab, BS=BS, num_warps=pl.warps_stage)
+            CQ=Cq, CK=Ck, BCK=BCk, BA=BA, BN=pl.bn_stage1, NAB=nab, BS=BS, **kw_s)
         if spec.dipole:
             mod.guard[(NSq, ns)](q, scale, qbar, u, qassign, kt, vt, beta, gs, sig, po, plse, lam,
                                  G, P, N, fit_off, ps, Lf, ns, CQ=Cq, CK=Ck, BCK=BCk, num_warps=nw)
@@ -232,7 +237,7 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
         mod.stage2[(NSq, Cq)](q, scale, aperm, acount, kt, vt, beta, gs, sig, qbar, u, lam, out, lse,
                               G, P, N, lv.ans_off, ps, La,
                               CQ=Cq, CK=Ck, BCQ=BCq, BCK=BCk, BM=pl.bm_stage2, MERGE=merge,
-                              num_warps=pl.warps_stage)
+                              **kw_s)
 
 
 

@@ -66,6 +66,9 @@ class KernelPlan:
     warps_kmeans: int
     warps_stage: int
     workspace_bytes: int
+    rank_dot: bool = False            # k-means final pass: per-cluster ranks by a triangular-matrix product
+    stages_kmeans: int = 0            # software-pipelining stages (0: Triton's default)
+    stages_stage: int = 0
 
     @property
     def groups(self) -> int:
@@ -173,11 +176,12 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
         ba1 = 64
         bm2 = 64
         bme, bne = (128, 64) if not big else (64, 64)
-        warps, wk, wst = 4, 4, 4
+        # 8 warps for k-means: 0.251 vs 0.296 ms at 8k, C=64, bf16 (H100, 2026-11-22)
+        warps, wk, wst = 4, 8, 4
     return KernelPlan(spec=spec, batch=B, heads=H, kv_heads=Hkv, n=N, m=M, causal=causal, kmeans_iters=iters,
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
-                      workspace_bytes=ws)
+                      workspace_bytes=ws, rank_dot=spec.native)
 
 
 def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: int = 128,
