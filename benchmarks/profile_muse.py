@@ -16,6 +16,7 @@ def main():
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--no-dipole", action="store_true")
     ap.add_argument("--tune", nargs="*", default=["{}"])
+    ap.add_argument("--per-launch", action="store_true", help="also list every launch of one call in order")
     args = ap.parse_args()
     from muse_compile.kernels import triton_muse as T
     import triton
@@ -38,9 +39,15 @@ def main():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 name = e.name.split("(")[0][:40]
                 tot[name] = tot.get(name, 0.0) + e.device_time_total / 5 / 1000
-        print(f"== tune={tune} N={args.n} C={args.clusters} causal={args.causal}: {ms:.3f} ms (do_bench median)")
+        print(f"== tune={tune} N={args.n} C={args.clusters} causal={args.causal}: {ms:.3f} ms (do_bench median), "
+              f"kernel sum {sum(tot.values()):.3f} ms")
         for name, t in sorted(tot.items(), key=lambda x: -x[1]):
             print(f"   {t:8.4f} ms  {name}")
+        if args.per_launch:
+            evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            n1 = len(evs) // 5
+            print("   one call, in launch order: " + ", ".join(
+                f"{e.name.split('(')[0][:14]} {e.device_time_total / 1000:.4f}" for e in evs[:n1]))
     T.TUNE.clear()
 
 

@@ -185,7 +185,7 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     u = torch.empty(NSq * Cq * BD, device=dev, dtype=f32) if spec.dipole else qbar
     if "cluster" in phases:
         mod.centroid_dir[(NSq, Cq)](q, scale, qmu[T], qsums[T], qcnt[T], qperm, qbar, u, G, P, N, fit_off, ps, Lf,
-                                    C=Cq, BC=BCq, BN=pl.bn_stage1, POWER_ITERS=POWER_ITERS, num_warps=nw)
+                                    C=Cq, BC=BCq, BN=min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS, num_warps=nw)
     if lv.same:
         aperm, acount = qperm, qcnt[T]
     else:
@@ -223,10 +223,10 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     BA = pl.ba_stage1
     nab = triton_cdiv(A, BA)
     if "stage1" in phases:
-        mod.stage1[(NSk, Ck, nab + nsb)](
+        mod.stage1[(NSk, triton_cdiv(Ck, pl.jb_stage1), nab + nsb)](
             k, v, qbar, u, kperm, kcnt[T], kmu[T], q, scale, kt, vt, beta, gs, sig, po, plse,
             G, P, M, k_off, ps, Lk, N, fit_off, ps, Lf, ns,
-            CQ=Cq, CK=Ck, BCK=BCk, BA=BA, BN=pl.bn_stage1, NAB=nab, BS=BS, **kw_s)
+            CQ=Cq, CK=Ck, BCK=BCk, BA=BA, BN=pl.bn_stage1, NAB=nab, BS=BS, JB=pl.jb_stage1, **kw_s)
         if spec.dipole:
             mod.guard[(NSq, ns)](q, scale, qbar, u, qassign, kt, vt, beta, gs, sig, po, plse, lam,
                                  G, P, N, fit_off, ps, Lf, ns, CQ=Cq, CK=Ck, BCK=BCk, num_warps=nw)
