@@ -5,8 +5,8 @@
 Per acausal problem batch (the whole acausal op, or one dyadic level of the causal op with all its pairs,
 all batch·heads in each launch): k-means passes for queries and keys (fused distance GEMM + argmin + atomic
 per-cluster sums/counts, one launch per Lloyd step), counting-sort scatter of each set by cluster, query
-centroids + dipole directions, stage 1 (tilted summaries; guard-sample exact partials in the same launch),
-guard (λ per head), stage 2 (summary attention + dipole, written in place or LSE-merged). The causal op first
+centroids + dipole directions, stage 1 (tilted summaries), the guard samples' exact attention (token
+order, key set in chunks), guard (λ per head), stage 2 (summary attention + dipole, written in place or LSE-merged). The causal op first
 runs exact causal attention inside aligned chunks (local blocks + the exact levels), then its MuSe levels.
 No host synchronisation: every shape is known from the plan; the workspaces have their maximum sizes.
 """
@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from muse_compile.lowering.plan import (GUARD_SAMPLES, POWER_ITERS, KernelPlan, module_for, plan, supports)
+from muse_compile.lowering.plan import (GUARD_SAMPLES, POWER_ITERS, KernelPlan, guard_chunks, guard_sample_block,
+                                        module_for, plan, supports)
 from muse_compile.kernels.reference import kmeans_fit_stride
 
 __all__ = ["muse_attention", "make_plan"]
@@ -212,27 +213,33 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     gs = torch.empty(NSk * A * Ck * BDV, device=dev, dtype=sdt) if spec.dipole else vt
     sig = torch.empty(NSk * A * Ck, device=dev, dtype=f32) if spec.dipole else beta
     ns = min(Lf, GUARD_SAMPLES)
-    BS = 32
-    nsb = triton_cdiv(G * ns, BS) if spec.dipole else 0
+    BS = guard_sample_block(_interp())
+    nsb = triton_cdiv(G * ns, BS)
+    KS = guard_chunks(NSk, nsb, Lk, _interp())      # the guard samples' key set, split for parallelism
     if spec.dipole:
-        po = torch.empty(NSk * G * ns * Ck * BDV, device=dev, dtype=f32)
-        plse = torch.empty(NSk * G * ns * Ck, device=dev, dtype=f32)
+        po = torch.empty(NSk * G * ns * KS * BDV, device=dev, dtype=f32)
+        plse = torch.empty(NSk * G * ns * KS, device=dev, dtype=f32)
         lam = torch.zeros(2 * NSq, device=dev, dtype=f32)   # Σ dip·(exact − mono), Σ dip² per head
     else:
         po, plse, lam = vt, beta, beta
     BA = pl.ba_stage1
     nab = triton_cdiv(A, BA)
     if "stage1" in phases:
-        mod.stage1[(NSk, triton_cdiv(Ck, pl.jb_stage1), nab + nsb)](
-            k, v, qbar, u, kperm, kcnt[T], kmu[T], q, scale, kt, vt, beta, gs, sig, po, plse,
-            G, P, M, k_off, ps, Lk, N, fit_off, ps, Lf, ns,
-            CQ=Cq, CK=Ck, BCK=BCk, BA=BA, BN=pl.bn_stage1, NAB=nab, BS=BS, JB=pl.jb_stage1, **kw_s)
+        mod.stage1[(NSk, triton_cdiv(Ck, pl.jb_stage1), nab)](
+            k, v, qbar, u, kperm, kcnt[T], kmu[T], kt, vt, beta, gs, sig, G, P, M, k_off, ps, Lk,
+            CQ=Cq, CK=Ck, BCK=BCk, BA=BA, BN=pl.bn_stage1, JB=pl.jb_stage1, **kw_s)
         if spec.dipole:
+            mod.guard_exact[(NSk, KS, nsb)](
+                q, k, v, scale, valid if valid is not None else q, po, plse,
+                G, P, M, k_off, ps, Lk, N, fit_off, ps, Lf, ns, Hkv, KS,
+                BS=BS, BN=pl.bn_exact, HAS_VALID=valid is not None, num_warps=nw)
             mod.guard[(NSq, ns)](q, scale, qbar, u, qassign, kt, vt, beta, gs, sig, po, plse, lam,
-                                 G, P, N, fit_off, ps, Lf, ns, CQ=Cq, CK=Ck, BCK=BCk, num_warps=nw)
+                                 G, P, N, fit_off, ps, Lf, ns, KS, CQ=Cq, CK=Ck, BCK=BCk, BKS=_pow2(KS, 2),
+                                 num_warps=nw)
             if _DEBUG is not None:
-                _DEBUG.update(kassign=kassign, qcnt=qcnt, kcnt=kcnt, numden=lam.clone(), kt=kt, vt=vt, beta=beta, gs=gs, sig=sig, po=po, plse=plse, qbar=qbar,
-                              u=u, qassign=qassign, dims=(NSq, ns, Cq, Ck, BD, BDV, G, Lf))
+                _DEBUG.update(kassign=kassign, qcnt=qcnt, kcnt=kcnt, numden=lam.clone(), kt=kt, vt=vt, beta=beta,
+                              gs=gs, sig=sig, po=po, plse=plse, qbar=qbar, u=u, qassign=qassign,
+                              dims=(NSq, ns, Cq, Ck, BD, BDV, G, Lf, KS))
     if "stage2" in phases:
         mod.stage2[(NSq, Cq)](q, scale, aperm, acount, kt, vt, beta, gs, sig, qbar, u, lam, out, lse,
                               G, P, N, lv.ans_off, ps, La,

@@ -212,14 +212,13 @@ def centroid_dir(X, scale_x, mu, sums, cnt, perm, qbar_out, u_out, GS, P, LEN_TO
 
 
 @triton.jit
-def stage1(K, V, qbar, u, permk, cntk, kmu, Q, scale_q, kt_out, vt_out, beta_out, g_out, sig_out, po_out, plse_out,
-           G, P, M_TOT, K_OFF, K_PSTRIDE, LK, N_TOT, Q_OFF, Q_PSTRIDE, LF, NSAMP,
+def stage1(K, V, qbar, u, permk, cntk, kmu, kt_out, vt_out, beta_out, g_out, sig_out,
+           G, P, M_TOT, K_OFF, K_PSTRIDE, LK,
            CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr, BA: tl.constexpr, BN: tl.constexpr,
-           NAB: tl.constexpr, BS: tl.constexpr, JB: tl.constexpr):
-    """Stage 1 for one (problem, block of JB key clusters, block): programs with block < NAB build the tilted
-    summaries of each cluster j of the block seen from BA query centroids (online max per (a, j), fp32); the
-    others compute the exact partial attention of BS guard-sample queries over cluster j's keys (for the
-    dipole's λ). The centroid (or sample) tiles are loaded once per program and serve JB clusters."""
+           JB: tl.constexpr):
+    """Stage 1 for one (problem, block of JB key clusters, block of BA query centroids): the tilted summaries
+    of each cluster j of the block (online max per (a, j), fp32 accumulation). The centroid tiles are loaded
+    once per program and serve JB clusters."""
     zp = tl.program_id(0)
     jb = tl.program_id(1)
     blk = tl.program_id(2)
@@ -233,114 +232,134 @@ def stage1(K, V, qbar, u, permk, cntk, kmu, Q, scale_q, kt_out, vt_out, beta_out
     offs_v = tl.arange(0, $BDV)
     vmask = offs_v < $DV
     A = G * CQ
-    if blk < NAB:
-        offs_a = blk * BA + tl.arange(0, BA)
-        amask = offs_a < A
-        arow = zp.to(tl.int64) * A + offs_a
-        qb = tl.load(qbar + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
-        qb_c = qb.to($CDT)
+    offs_a = blk * BA + tl.arange(0, BA)
+    amask = offs_a < A
+    arow = zp.to(tl.int64) * A + offs_a
+    qb = tl.load(qbar + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
+    qb_c = qb.to($CDT)
+    if $DIPOLE:
+        uu = tl.load(u + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
+        uu_c = uu.to($CDT)
+    for jj in range(JB):
+        j = tl.minimum(jb * JB + jj, CK - 1)   # a block past the last cluster redoes it (same values)
+        n_j = tl.sum(tl.where(offs_ck == j, cn, 0), 0)
+        pbase = zp.to(tl.int64) * LK + tl.sum(tl.where(offs_ck < j, cn, 0), 0)
         if $DIPOLE:
-            uu = tl.load(u + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
-            uu_c = uu.to($CDT)
-        for jj in range(JB):
-            j = tl.minimum(jb * JB + jj, CK - 1)   # a block past the last cluster redoes it (same values)
-            n_j = tl.sum(tl.where(offs_ck == j, cn, 0), 0)
-            pbase = zp.to(tl.int64) * LK + tl.sum(tl.where(offs_ck < j, cn, 0), 0)
+            # u·k is measured from u·μ_j (μ_j: the cluster's k-means centroid), so the tilted moments behind
+            # g and σ do not cancel: E[w·u·k]² ≫ Var(u·k) for tight clusters, and 16-bit products lose Var
+            kmu_j = tl.load(kmu + (zp.to(tl.int64) * CK + j) * $BD + offs_d)
+            shift = tl.sum(uu * kmu_j[None, :], 1)
+            acc_g = tl.zeros([BA, $BDV], dtype=tl.float32)
+            acc_s = tl.zeros([BA], dtype=tl.float32)
+        m = tl.full([BA], float("-inf"), tl.float32)
+        l = tl.zeros([BA], dtype=tl.float32)
+        acc_k = tl.zeros([BA, $BD], dtype=tl.float32)
+        acc_v = tl.zeros([BA, $BDV], dtype=tl.float32)
+        for t in range(0, n_j, BN):
+            offs = t + tl.arange(0, BN)
+            msk = offs < n_j
+            idx = tl.load(permk + pbase + offs, mask=msk, other=0)
+            kc = tl.load(K + (krow0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
+                         other=0.0).to($CDT)
+            vc = tl.load(V + (krow0 + idx)[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
+                         other=0.0).to($CDT)
+            sc = tl.dot(qb_c, tl.trans(kc), input_precision="$PREC")
+            sc = tl.where(msk[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            alpha = tl.exp(m - m_new)
+            w = tl.exp(sc - m_new[:, None])
+            l = l * alpha + tl.sum(w, 1)
+            w_c = w.to($CDT)
+            acc_k = acc_k * alpha[:, None] + tl.dot(w_c, kc, input_precision="$PREC")
+            acc_v = acc_v * alpha[:, None] + tl.dot(w_c, vc, input_precision="$PREC")
             if $DIPOLE:
-                # u·k is measured from u·μ_j (μ_j: the cluster's k-means centroid), so the tilted moments behind
-                # g and σ do not cancel: E[w·u·k]² ≫ Var(u·k) for tight clusters, and 16-bit products lose Var
-                kmu_j = tl.load(kmu + (zp.to(tl.int64) * CK + j) * $BD + offs_d)
-                shift = tl.sum(uu * kmu_j[None, :], 1)
-                acc_g = tl.zeros([BA, $BDV], dtype=tl.float32)
-                acc_s = tl.zeros([BA], dtype=tl.float32)
-            m = tl.full([BA], float("-inf"), tl.float32)
-            l = tl.zeros([BA], dtype=tl.float32)
-            acc_k = tl.zeros([BA, $BD], dtype=tl.float32)
-            acc_v = tl.zeros([BA, $BDV], dtype=tl.float32)
-            for t in range(0, n_j, BN):
-                offs = t + tl.arange(0, BN)
-                msk = offs < n_j
-                idx = tl.load(permk + pbase + offs, mask=msk, other=0)
-                kc = tl.load(K + (krow0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
-                             other=0.0).to($CDT)
-                vc = tl.load(V + (krow0 + idx)[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
-                             other=0.0).to($CDT)
-                sc = tl.dot(qb_c, tl.trans(kc), input_precision="$PREC")
-                sc = tl.where(msk[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m, tl.max(sc, 1))
-                alpha = tl.exp(m - m_new)
-                w = tl.exp(sc - m_new[:, None])
-                l = l * alpha + tl.sum(w, 1)
-                w_c = w.to($CDT)
-                acc_k = acc_k * alpha[:, None] + tl.dot(w_c, kc, input_precision="$PREC")
-                acc_v = acc_v * alpha[:, None] + tl.dot(w_c, vc, input_precision="$PREC")
-                if $DIPOLE:
-                    pr = tl.dot(uu_c, tl.trans(kc), input_precision="$PREC") - shift[:, None]
-                    acc_g = acc_g * alpha[:, None] + tl.dot((w * pr).to($CDT), vc, input_precision="$PREC")
-                    acc_s = acc_s * alpha + tl.sum(w * pr * pr, 1)
-                m = m_new
-            ne = l > 0
-            inv = tl.where(ne, 1.0 / tl.where(ne, l, 1.0), 0.0)
-            kt = acc_k * inv[:, None]
-            vt = acc_v * inv[:, None]
-            # k̃ is stored in kt_out's dtype; β uses the stored k̃, so a stage-2 score q·k̃ + β is off by
-            # (q − q̄)·δk̃ only. σ and g (differences of nearly equal tilted moments) use the float32 k̃.
-            kt_r = kt.to(kt_out.dtype.element_ty)
-            beta = tl.where(ne, tl.log(tl.where(ne, l, 1.0)) + m - tl.sum(kt_r.to(tl.float32) * qb, 1), float("-inf"))
-            orow = arow * CK + j
-            tl.store(kt_out + orow[:, None] * $BD + offs_d[None, :], kt_r, mask=amask[:, None])
-            tl.store(vt_out + orow[:, None] * $BDV + offs_v[None, :], vt.to(vt_out.dtype.element_ty), mask=amask[:, None])
-            tl.store(beta_out + orow, beta, mask=amask)
-            if $DIPOLE:
-                ukt = tl.sum(kt * uu, 1) - shift
-                gg = acc_g * inv[:, None] - ukt[:, None] * vt
-                tl.store(g_out + orow[:, None] * $BDV + offs_v[None, :], gg.to(g_out.dtype.element_ty), mask=amask[:, None])
-                tl.store(sig_out + orow, tl.sqrt(tl.maximum(acc_s * inv - ukt * ukt, 0.0)), mask=amask)
-    else:
-        offs_r = (blk - NAB) * BS + tl.arange(0, BS)
-        rmask = offs_r < G * NSAMP
-        gq = offs_r // NSAMP
-        si = offs_r % NSAMP
-        pos = tl.minimum(((si.to(tl.float64) + 0.6180339887) * LF / NSAMP).to(tl.int32), LF - 1)
-        qrow = (z * G + gq).to(tl.int64) * N_TOT + Q_OFF + p * Q_PSTRIDE + pos
-        qsm = tl.load(Q + qrow[:, None] * $D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
-                      other=0.0).to($CDT)
-        for jj in range(JB):
-            j = tl.minimum(jb * JB + jj, CK - 1)
-            n_j = tl.sum(tl.where(offs_ck == j, cn, 0), 0)
-            pbase = zp.to(tl.int64) * LK + tl.sum(tl.where(offs_ck < j, cn, 0), 0)
-            s_m = tl.full([BS], float("-inf"), tl.float32)
-            s_l = tl.zeros([BS], dtype=tl.float32)
-            s_acc = tl.zeros([BS, $BDV], dtype=tl.float32)
-            for t in range(0, n_j, BN):
-                s_offs = t + tl.arange(0, BN)
-                s_msk = s_offs < n_j
-                s_idx = tl.load(permk + pbase + s_offs, mask=s_msk, other=0)
-                s_kc = tl.load(K + (krow0 + s_idx)[:, None] * $D + offs_d[None, :], mask=s_msk[:, None] & dmask[None, :],
-                             other=0.0).to($CDT)
-                s_vc = tl.load(V + (krow0 + s_idx)[:, None] * $DV + offs_v[None, :], mask=s_msk[:, None] & vmask[None, :],
-                             other=0.0).to($CDT)
-                s_sc = tl.dot(qsm, tl.trans(s_kc), input_precision="$PREC") * scale_q
-                s_sc = tl.where(s_msk[None, :], s_sc, float("-inf"))
-                s_m_new = tl.maximum(s_m, tl.max(s_sc, 1))
-                s_alpha = tl.exp(s_m - s_m_new)
-                s_w = tl.exp(s_sc - s_m_new[:, None])
-                s_l = s_l * s_alpha + tl.sum(s_w, 1)
-                s_acc = s_acc * s_alpha[:, None] + tl.dot(s_w.to($CDT), s_vc, input_precision="$PREC")
-                s_m = s_m_new
-            s_ne = s_l > 0
-            s_inv = tl.where(s_ne, 1.0 / tl.where(s_ne, s_l, 1.0), 0.0)
-            prow = (zp.to(tl.int64) * G * NSAMP + offs_r) * CK + j
-            tl.store(po_out + prow[:, None] * $BDV + offs_v[None, :], s_acc * s_inv[:, None], mask=rmask[:, None])
-            tl.store(plse_out + prow, tl.where(s_ne, s_m + tl.log(tl.where(s_ne, s_l, 1.0)), float("-inf")), mask=rmask)
+                pr = tl.dot(uu_c, tl.trans(kc), input_precision="$PREC") - shift[:, None]
+                acc_g = acc_g * alpha[:, None] + tl.dot((w * pr).to($CDT), vc, input_precision="$PREC")
+                acc_s = acc_s * alpha + tl.sum(w * pr * pr, 1)
+            m = m_new
+        ne = l > 0
+        inv = tl.where(ne, 1.0 / tl.where(ne, l, 1.0), 0.0)
+        kt = acc_k * inv[:, None]
+        vt = acc_v * inv[:, None]
+        # k̃ is stored in kt_out's dtype; β uses the stored k̃, so a stage-2 score q·k̃ + β is off by
+        # (q − q̄)·δk̃ only. σ and g (differences of nearly equal tilted moments) use the float32 k̃.
+        kt_r = kt.to(kt_out.dtype.element_ty)
+        beta = tl.where(ne, tl.log(tl.where(ne, l, 1.0)) + m - tl.sum(kt_r.to(tl.float32) * qb, 1), float("-inf"))
+        orow = arow * CK + j
+        tl.store(kt_out + orow[:, None] * $BD + offs_d[None, :], kt_r, mask=amask[:, None])
+        tl.store(vt_out + orow[:, None] * $BDV + offs_v[None, :], vt.to(vt_out.dtype.element_ty), mask=amask[:, None])
+        tl.store(beta_out + orow, beta, mask=amask)
+        if $DIPOLE:
+            ukt = tl.sum(kt * uu, 1) - shift
+            gg = acc_g * inv[:, None] - ukt[:, None] * vt
+            tl.store(g_out + orow[:, None] * $BDV + offs_v[None, :], gg.to(g_out.dtype.element_ty), mask=amask[:, None])
+            tl.store(sig_out + orow, tl.sqrt(tl.maximum(acc_s * inv - ukt * ukt, 0.0)), mask=amask)
+
+
+@triton.jit
+def guard_exact(Q, K, V, scale_q, valid_ptr, po_out, plse_out,
+                G, P, M_TOT, K_OFF, K_PSTRIDE, LK, N_TOT, Q_OFF, Q_PSTRIDE, LF, NSAMP, HKV, KS,
+                BS: tl.constexpr, BN: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Exact attention of BS guard-sample queries (for the dipole's λ) over one of KS chunks of their key set,
+    in token order (flash-style, fp32 online softmax); the guard kernel merges the KS partials."""
+    zp = tl.program_id(0)
+    kc = tl.program_id(1)
+    blk = tl.program_id(2)
+    z = zp // P
+    p = zp % P
+    kstart = K_OFF + p * K_PSTRIDE
+    Lp = tl.minimum(LK, M_TOT - kstart)
+    CL = (Lp + KS - 1) // KS
+    lo = kc * CL
+    hi = tl.minimum(lo + CL, Lp)
+    krow0 = z.to(tl.int64) * M_TOT + kstart
+    offs_d = tl.arange(0, $BD)
+    dmask = offs_d < $D
+    offs_v = tl.arange(0, $BDV)
+    vmask = offs_v < $DV
+    offs_r = blk * BS + tl.arange(0, BS)
+    rmask = offs_r < G * NSAMP
+    gq = offs_r // NSAMP
+    si = offs_r % NSAMP
+    pos = tl.minimum(((si.to(tl.float64) + 0.6180339887) * LF / NSAMP).to(tl.int32), LF - 1)
+    qrow = (z * G + gq).to(tl.int64) * N_TOT + Q_OFF + p * Q_PSTRIDE + pos
+    qsm = tl.load(Q + qrow[:, None] * $D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
+                  other=0.0).to($CDT)
+    m = tl.full([BS], float("-inf"), tl.float32)
+    l = tl.zeros([BS], dtype=tl.float32)
+    acc = tl.zeros([BS, $BDV], dtype=tl.float32)
+    for t in range(lo, hi, BN):
+        offs = t + tl.arange(0, BN)
+        msk = offs < hi
+        kv = tl.load(K + (krow0 + offs)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
+                     other=0.0).to($CDT)
+        vv = tl.load(V + (krow0 + offs)[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
+                     other=0.0).to($CDT)
+        if HAS_VALID:
+            ok = tl.load(valid_ptr + (z // HKV).to(tl.int64) * M_TOT + kstart + offs, mask=msk, other=0)
+            msk = msk & (ok != 0)
+        sc = tl.dot(qsm, tl.trans(kv), input_precision="$PREC") * scale_q
+        sc = tl.where(msk[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        m0 = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m0)
+        w = tl.exp(sc - m0[:, None])
+        l = l * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.dot(w.to($CDT), vv, input_precision="$PREC")
+        m = m_new
+    ne = l > 0
+    inv = tl.where(ne, 1.0 / tl.where(ne, l, 1.0), 0.0)
+    prow = (zp.to(tl.int64) * G * NSAMP + offs_r) * KS + kc
+    tl.store(po_out + prow[:, None] * $BDV + offs_v[None, :], acc * inv[:, None], mask=rmask[:, None])
+    tl.store(plse_out + prow, tl.where(ne, m + tl.log(tl.where(ne, l, 1.0)), float("-inf")), mask=rmask)
 
 
 @triton.jit
 def guard(Q, scale_q, qbar, u, fit_assign, kt, vt, beta, gsum, sig, po, plse, numden,
-          G, P, N_TOT, Q_OFF, Q_PSTRIDE, LF, NSAMP,
-          CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr):
+          G, P, N_TOT, Q_OFF, Q_PSTRIDE, LF, NSAMP, KS,
+          CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr, BKS: tl.constexpr):
     """One guard sample of one (problem, query head): its exact output (merged from stage 1's per-key-cluster
-    partials), its monopole and dipole outputs; adds Σ dip·(exact − mono) and Σ dip² to ``numden`` (atomics).
+    partials of ``guard_exact``), its monopole and dipole outputs; adds Σ dip·(exact − mono) and Σ dip² to ``numden`` (atomics).
     Stage 2 takes λ = clamp(num / den, 0, 1): the least-squares dipole scale over all samples of the head."""
     s = tl.program_id(0)
     r = tl.program_id(1)
@@ -362,9 +381,11 @@ def guard(Q, scale_q, qbar, u, fit_assign, kt, vt, beta, gsum, sig, po, plse, nu
     qb = tl.load(qbar + arow * $BD + offs_d)
     uu = tl.load(u + arow * $BD + offs_d)
     tt = tl.sum((qsm - qb) * uu, 0)
-    prow = (zp.to(tl.int64) * G * NSAMP + gq * NSAMP + r) * CK + offs_k
-    lj = tl.load(plse + prow, mask=kmask, other=float("-inf"))
-    oj = tl.load(po + prow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0)
+    offs_p = tl.arange(0, BKS)
+    pmask = offs_p < KS
+    prow = (zp.to(tl.int64) * G * NSAMP + gq * NSAMP + r) * KS + offs_p
+    lj = tl.load(plse + prow, mask=pmask, other=float("-inf"))
+    oj = tl.load(po + prow[:, None] * $BDV + offs_v[None, :], mask=pmask[:, None], other=0.0)
     mx = tl.max(lj, 0)
     mx0 = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.exp(lj - mx0)

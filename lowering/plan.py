@@ -87,12 +87,24 @@ class KernelPlan:
                 out += ["kmeans_pass", "scatter_perm"]
             out.append("stage1")
             if self.spec.dipole:
-                out.append("guard")
+                out += ["guard_exact", "guard"]
             out.append("stage2")
         return out
 
 
-def _level_workspace(lv: LevelPlan, Z: int, G: int, iters: int, bd: int, bdv: int, dipole: bool) -> int:
+def guard_chunks(sets: int, sample_blocks: int, key_len: int, interpret: bool) -> int:
+    """Key chunks of the guard samples' exact attention: enough programs to fill the GPU, >= 1024 keys each."""
+    if interpret:
+        return 2
+    return max(1, min(-(-264 // (sets * sample_blocks)), -(-key_len // 1024)))
+
+
+def guard_sample_block(interpret: bool) -> int:
+    return 32 if interpret else 64
+
+
+def _level_workspace(lv: LevelPlan, Z: int, G: int, iters: int, bd: int, bdv: int, dipole: bool,
+                     summary_bytes: int, interpret: bool) -> int:
     P = lv.pairs
     nsq, nsk = Z * P * G, Z * P
     f4 = 4
@@ -104,10 +116,11 @@ def _level_workspace(lv: LevelPlan, Z: int, G: int, iters: int, bd: int, bdv: in
         b += nsq * lv.ans_len * 3 * f4 + nsq * lv.q_clusters * f4
     b += nsq * lv.q_clusters * 2 * bd * f4                                  # qbar, u
     A = G * lv.q_clusters
-    b += nsk * A * lv.k_clusters * (bd + bdv * (2 if dipole else 1) + 1) * f4   # summaries
+    b += nsk * A * lv.k_clusters * ((bd + bdv * (2 if dipole else 1)) * summary_bytes + f4)   # summaries
     if dipole:
         ns = min(lv.fit_len, GUARD_SAMPLES)
-        b += nsk * G * ns * lv.k_clusters * (bdv + 1) * f4 + 2 * nsq * f4 + nsk * A * lv.k_clusters * f4
+        ks = guard_chunks(nsk, -(-G * ns // guard_sample_block(interpret)), lv.key_len, interpret)
+        b += nsk * G * ns * ks * (bdv + 1) * f4 + 2 * nsq * f4 + nsk * A * lv.k_clusters * f4
     return b
 
 
@@ -166,7 +179,8 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
                                     ans_off=S, same=False))
     bd, bdv = spec.bd, spec.bdv
     big = max(bd, bdv) >= 128
-    ws = sum(_level_workspace(lv, Z, G, iters, bd, bdv, dipole) for lv in levels)
+    sb = 2 if spec.native else 4
+    ws = sum(_level_workspace(lv, Z, G, iters, bd, bdv, dipole, sb, interpret) for lv in levels)
     if causal and levels:
         ws += B * H * N * (Dv + 1) * 4
     if interpret:
