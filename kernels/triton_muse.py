@@ -120,7 +120,7 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     BN = pl.bn_kmeans
     f32, i32 = torch.float32, torch.int32
     nw = pl.warps
-    kw_k = dict(num_warps=pl.warps_kmeans, RANK_DOT=pl.rank_dot)
+    kw_k = dict(num_warps=pl.warps_kmeans)
     kw_s = dict(num_warps=pl.warps_stage)
     if pl.stages_kmeans:
         kw_k["num_stages"] = pl.stages_kmeans

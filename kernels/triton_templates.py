@@ -31,8 +31,7 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
                 assign_out, pos_out, pbase_out, valid_ptr,
                 GS, P, LEN_TOT, OFF, PSTRIDE, L, HKV, TSTRIDE, NPROG,
                 C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, MODE: tl.constexpr,
-                INIT_IDX: tl.constexpr, HAS_VALID: tl.constexpr, SUMS: tl.constexpr, FINAL: tl.constexpr,
-                RANK_DOT: tl.constexpr):
+                INIT_IDX: tl.constexpr, HAS_VALID: tl.constexpr, SUMS: tl.constexpr, FINAL: tl.constexpr):
     """One Lloyd pass over TILES·BN tokens (every TSTRIDE-th token of the set) of one vector set.
 
     MODE 0: centroids are the evenly spaced initial tokens; 1: centroids from the previous pass's sums and
@@ -118,13 +117,7 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
                 psum += tl.dot(tl.trans(onehot.to(tl.float32)), x, input_precision="$PREC")
         oi = onehot.to(tl.int32)
         if FINAL:
-            if RANK_DOT:
-                # inclusive per-cluster prefix counts as one tensor-core product with a lower-triangular ones
-                # matrix (exact: 0/1 operands, fp32 sums of at most BN ones) instead of a cross-warp scan
-                tri = (tl.arange(0, BN)[None, :] <= tl.arange(0, BN)[:, None]).to($CDT)
-                cum = tl.dot(tri, onehot.to($CDT)).to(tl.int32)
-            else:
-                cum = tl.cumsum(oi, 0)
+            cum = tl.cumsum(oi, 0)
             rank = tl.sum(tl.where(onehot, cum + pcnt[None, :], 0), 1) - 1
             tl.store(assign_out + abase + offs_n, a, mask=nmask)
             tl.store(pos_out + abase + offs_n, rank, mask=nmask)

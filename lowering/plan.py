@@ -66,10 +66,9 @@ class KernelPlan:
     warps_kmeans: int
     warps_stage: int
     workspace_bytes: int
-    rank_dot: bool = False            # k-means final pass: per-cluster ranks by a triangular-matrix product
     stages_kmeans: int = 0            # software-pipelining stages (0: Triton's default)
     stages_stage: int = 0
-    jb_stage1: int = 1                # key clusters per stage-1 program (centroid tiles loaded once for all)
+    jb_stage1: int = 1                # key clusters per stage-1 program (4 was slower than 1 on the H100)
 
     @property
     def groups(self) -> int:
@@ -196,7 +195,7 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
     return KernelPlan(spec=spec, batch=B, heads=H, kv_heads=Hkv, n=N, m=M, causal=causal, kmeans_iters=iters,
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
-                      workspace_bytes=ws, rank_dot=spec.native, jb_stage1=2 if interpret else 4)
+                      workspace_bytes=ws, jb_stage1=2 if interpret else 1)
 
 
 def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: int = 128,
