@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: install, per-kernel profiles with tuning variants, then the benchmark rows given as
-# arguments (each a shell command, 240 s cap each). Triton's compile cache lives in .tcache (carried between
-# calls, returned under $OUT as tcache.tgz). Logs under $OUT.
+# arguments (each a shell command, CAP s each, default 240). Triton's compile cache lives in .tcache (carry it to
+# reuse it; it comes back under $OUT as tcache.tgz only when small enough for the device tool). Logs under $OUT.
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.tcache
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT $TRITON_CACHE_DIR
 python3 -m pip install --no-deps --no-build-isolation -e . -q > $OUT/pip.log 2>&1 || { cat $OUT/pip.log; exit 1; }
