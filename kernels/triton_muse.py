@@ -12,6 +12,7 @@ No host synchronisation: every shape is known from the plan; the workspaces have
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -77,7 +78,7 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
         BM, BN = pl.bm_exact, pl.bn_exact
         mod.exact_causal[(B * H, triton_cdiv(N, BM))](
             q, k, v, s, valid if valid is not None else q, acc, lse, G, Hkv, N, pl.exact_chunk,
-            BM=BM, BN=BN, HAS_VALID=valid is not None, num_warps=pl.warps)
+            BM=BM, BN=BN, HAS_VALID=valid is not None, num_warps=pl.warps_exact or pl.warps)
     for lv in pl.levels:
         _level(mod, pl, lv, q, k, v, valid, s, Z, G, Hkv, N, N, acc, lse, merge=True, phases=_phases)
     if direct or "cast" not in _phases:
@@ -126,6 +127,10 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
         kw_k["num_stages"] = pl.stages_kmeans
     if pl.stages_stage:
         kw_s["num_stages"] = pl.stages_stage
+    kw_s2 = dict(kw_s, num_warps=pl.warps_stage2 or pl.warps_stage)
+    # per-token atomic positions unless the caller asked torch for deterministic algorithms
+    pa = pl.pos_atomic and not torch.are_deterministic_algorithms_enabled()
+    tiles = functools.partial(_tiles, target=pl.kmeans_programs)
     # zero-initialised workspace (sums and counts of every pass), one allocation
     nq_sum = (T + 1) * NSq * Cq * BD
     nk_sum = (T + 1) * NSk * Ck * BD
@@ -155,7 +160,7 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     rq, rk = kmeans_fit_stride(Lf, Cq), kmeans_fit_stride(Lk, Ck)
     if "fit_stride" in TUNE:
         rq = rk = int(TUNE["fit_stride"])
-    tq, tk = _tiles(NSq, Lf, BN), _tiles(NSk, Lk, BN)
+    tq, tk = tiles(NSq, Lf, BN), tiles(NSk, Lk, BN)
     npq, npk = triton_cdiv(Lf, BN * tq), triton_cdiv(Lk, BN * tk)
     qpb = torch.empty(NSq * npq * Cq, device=dev, dtype=i32)
     kpb = torch.empty(NSk * npk * Ck, device=dev, dtype=i32)
@@ -165,23 +170,25 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
             final = t == T
             prev = max(t - 1, 0)
             r_q, r_k = (1, 1) if final else (rq, rk)
-            t_q = tq if final else _tiles(NSq, triton_cdiv(Lf, r_q), BN)
-            t_k = tk if final else _tiles(NSk, triton_cdiv(Lk, r_k), BN)
+            t_q = tq if final else tiles(NSq, triton_cdiv(Lf, r_q), BN)
+            t_k = tk if final else tiles(NSk, triton_cdiv(Lk, r_k), BN)
             mod.kmeans_pass[(NSq, triton_cdiv(triton_cdiv(Lf, r_q), BN * t_q))](
                 q, scale, dummy, qmu[prev], qsums[prev], qcnt[prev], qmu[t], qsums[t], qcnt[t], qassign, qpos, qpb,
                 dummy, G, P, N, fit_off, ps, Lf, Hkv, r_q, npq,
                 C=Cq, BC=BCq, BN=BN, TILES=t_q, MODE=mode, INIT_IDX=False, HAS_VALID=False, SUMS=True,
-                FINAL=final, **kw_k)
+                FINAL=final, POS_ATOMIC=pa, **kw_k)
             mod.kmeans_pass[(NSk, triton_cdiv(triton_cdiv(Lk, r_k), BN * t_k))](
                 k, 1.0, init if init is not None else dummy, kmu[prev], ksums[prev], kcnt[prev], kmu[t], ksums[t],
                 kcnt[t], kassign, kpos, kpb, valid if valid is not None else dummy,
                 1, P, M, k_off, ps, Lk, Hkv, r_k, npk,
                 C=Ck, BC=BCk, BN=BN, TILES=t_k, MODE=mode, INIT_IDX=init is not None, HAS_VALID=valid is not None,
-                SUMS=not final, FINAL=final, **kw_k)
+                SUMS=not final, FINAL=final, POS_ATOMIC=pa, **kw_k)
         mod.scatter_perm[(NSq, triton_cdiv(Lf, BN))](qcnt[T], qassign, qpos, qpb, qperm, G, P, N, fit_off, ps, Lf,
-                                                     npq, BN * tq, C=Cq, BC=BCq, BN=BN, num_warps=nw)
+                                                     npq, BN * tq, C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa,
+                                                     num_warps=nw)
         mod.scatter_perm[(NSk, triton_cdiv(Lk, BN))](kcnt[T], kassign, kpos, kpb, kperm, 1, P, M, k_off, ps, Lk,
-                                                     npk, BN * tk, C=Ck, BC=BCk, BN=BN, num_warps=nw)
+                                                     npk, BN * tk, C=Ck, BC=BCk, BN=BN, POS_ATOMIC=pa,
+                                                     num_warps=nw)
     qbar = torch.empty(NSq * Cq * BD, device=dev, dtype=f32)
     u = torch.empty(NSq * Cq * BD, device=dev, dtype=f32) if spec.dipole else qbar
     if "cluster" in phases:
@@ -195,16 +202,17 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
         aperm = torch.empty(NSq * La, device=dev, dtype=i32)
         acount = acnt
         if "cluster" in phases:
-            ta = _tiles(NSq, La, BN)
+            ta = tiles(NSq, La, BN)
             npa = triton_cdiv(La, BN * ta)
             apb = torch.empty(NSq * npa * Cq, device=dev, dtype=i32)
             mod.kmeans_pass[(NSq, npa)](
                 q, scale, dummy, qbar, dummy, acnt, dummy, dummy, acnt, aassign, apos, apb, dummy,
                 G, P, N, lv.ans_off, ps, La, Hkv, 1, npa,
                 C=Cq, BC=BCq, BN=BN, TILES=ta, MODE=2, INIT_IDX=False, HAS_VALID=False, SUMS=False, FINAL=True,
-                **kw_k)
+                POS_ATOMIC=pa, **kw_k)
             mod.scatter_perm[(NSq, triton_cdiv(La, BN))](acnt, aassign, apos, apb, aperm, G, P, N, lv.ans_off, ps,
-                                                         La, npa, BN * ta, C=Cq, BC=BCq, BN=BN, num_warps=nw)
+                                                         La, npa, BN * ta, C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa,
+                                                         num_warps=nw)
     A = G * Cq
     sdt = q.dtype if spec.native else f32     # k̃, ṽ, g storage (β, σ stay float32)
     kt = torch.empty(NSk * A * Ck * BD, device=dev, dtype=sdt)
@@ -244,17 +252,17 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
         mod.stage2[(NSq, Cq)](q, scale, aperm, acount, kt, vt, beta, gs, sig, qbar, u, lam, out, lse,
                               G, P, N, lv.ans_off, ps, La,
                               CQ=Cq, CK=Ck, BCQ=BCq, BCK=BCk, BM=pl.bm_stage2, MERGE=merge,
-                              **kw_s)
+                              **kw_s2)
 
 
 
 
-def _tiles(ns: int, length: int, bn: int) -> int:
-    """Tiles of BN tokens per k-means program: as many as keep >= 2 waves of programs on the GPU."""
+def _tiles(ns: int, length: int, bn: int, target: int = 264) -> int:
+    """Tiles of BN tokens per k-means program: as many as keep >= ``target`` programs (264: 2 per H100 SM)."""
     if _interp():
         return 2
     for t in (16, 8, 4, 2):
-        if ns * triton_cdiv(length, bn * t) >= 264:
+        if ns * triton_cdiv(length, bn * t) >= target:
             return t
     return 1
 

@@ -4,7 +4,8 @@ The template is specialised per kernel spec by ``string.Template`` substitution 
 
 ``$D`` / ``$DV`` (head dim / value dim), ``$BD`` / ``$BDV`` (their power-of-two paddings, >= 16), ``$PREC``
 (``tl.dot`` input precision: "ieee" in the CPU interpreter, "tf32x3" for float32 inputs on the GPU, "tf32"
-for 16-bit inputs on the GPU; fp32 accumulation always), ``$DIPOLE`` (True/False), ``$NATIVE`` / ``$CDT`` (16-bit inputs on the GPU: dot operands stay in the
+for 16-bit inputs on the GPU; fp32 accumulation always), ``$PREC32`` (float32-accurate products of float32
+operands: "ieee" in the interpreter, "tf32x3" on the GPU), ``$DIPOLE`` (True/False), ``$NATIVE`` / ``$CDT`` (16-bit inputs on the GPU: dot operands stay in the
 input dtype ``$CDT``, flash-style, with fp32 accumulation; centroids, tilt points, dipole directions and the
 k̃/ṽ/g summaries are rounded to ``$CDT`` once, where they are made, and every consumer uses the rounded values,
 so the rounding only moves the tilt points and never makes the kernels disagree with each other), ``$U0`` (the first power-iteration vector
@@ -31,15 +32,18 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
                 assign_out, pos_out, pbase_out, valid_ptr,
                 GS, P, LEN_TOT, OFF, PSTRIDE, L, HKV, TSTRIDE, NPROG,
                 C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, MODE: tl.constexpr,
-                INIT_IDX: tl.constexpr, HAS_VALID: tl.constexpr, SUMS: tl.constexpr, FINAL: tl.constexpr):
+                INIT_IDX: tl.constexpr, HAS_VALID: tl.constexpr, SUMS: tl.constexpr, FINAL: tl.constexpr,
+                POS_ATOMIC: tl.constexpr):
     """One Lloyd pass over TILES·BN tokens (every TSTRIDE-th token of the set) of one vector set.
 
     MODE 0: centroids are the evenly spaced initial tokens; 1: centroids from the previous pass's sums and
     counts (an empty cluster keeps its centroid); 2: centroids given in mu_prev. Every pass assigns its tokens
     (nearest centroid = argmax x·mu − |mu|²/2, ties to the lowest index), sums them per cluster in registers
     (one-hot GEMM) and adds counts (and sums when SUMS) with one atomic flush per program; FINAL passes also
-    write the assignment, each token's position among this program's tokens of its cluster, and this
-    program's base offset per cluster (the scatter adds them).
+    write the assignment and each token's position within its cluster. POS_ATOMIC: the position is the
+    cluster counter's old value from a per-token atomic (no per-program ranks; the order inside a cluster then
+    varies between runs). Otherwise (deterministic): the position among this program's tokens of its cluster
+    (a cumulative sum over the tile) plus this program's base offset per cluster, written for the scatter.
     """
     s = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -115,26 +119,33 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
                 psum += tl.dot(tl.trans(onehot.to($CDT)), x)
             else:
                 psum += tl.dot(tl.trans(onehot.to(tl.float32)), x, input_precision="$PREC")
-        oi = onehot.to(tl.int32)
-        if FINAL:
-            cum = tl.cumsum(oi, 0)
-            rank = tl.sum(tl.where(onehot, cum + pcnt[None, :], 0), 1) - 1
+        if FINAL and POS_ATOMIC:
+            rank = tl.atomic_add(cnt_out + wbase + a, 1, mask=ok, sem="relaxed")
             tl.store(assign_out + abase + offs_n, a, mask=nmask)
             tl.store(pos_out + abase + offs_n, rank, mask=nmask)
-        pcnt += tl.sum(oi, 0)
+        else:
+            oi = onehot.to(tl.int32)
+            if FINAL:
+                cum = tl.cumsum(oi, 0)
+                rank = tl.sum(tl.where(onehot, cum + pcnt[None, :], 0), 1) - 1
+                tl.store(assign_out + abase + offs_n, a, mask=nmask)
+                tl.store(pos_out + abase + offs_n, rank, mask=nmask)
+            pcnt += tl.sum(oi, 0)
     if SUMS:
         if $NATIVE:
             psum = psum * scale_x
         tl.atomic_add(sums_out + wptr, psum, mask=cmask[:, None])
-    base = tl.atomic_add(cnt_out + wbase + offs_c, pcnt, mask=cmask)
-    if FINAL:
-        tl.store(pbase_out + (s.to(tl.int64) * NPROG + chunk) * C + offs_c, base, mask=cmask)
+    if not (FINAL and POS_ATOMIC):
+        base = tl.atomic_add(cnt_out + wbase + offs_c, pcnt, mask=cmask)
+        if FINAL:
+            tl.store(pbase_out + (s.to(tl.int64) * NPROG + chunk) * C + offs_c, base, mask=cmask)
 
 
 @triton.jit
 def scatter_perm(cnt, assign, pos, pbase, perm, GS, P, LEN_TOT, OFF, PSTRIDE, L, NPROG, TPP,
-                 C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
-    """Counting-sort scatter: perm[s, start(cluster) + program base + position] = token index."""
+                 C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, POS_ATOMIC: tl.constexpr):
+    """Counting-sort scatter: perm[s, start(cluster) + position] = token index (the position plus its k-means
+    program's base offset when the positions are per program)."""
     s = tl.program_id(0)
     chunk = tl.program_id(1)
     zp = s // GS
@@ -143,9 +154,10 @@ def scatter_perm(cnt, assign, pos, pbase, perm, GS, P, LEN_TOT, OFF, PSTRIDE, L,
     offs_c = tl.arange(0, BC)
     cmask = offs_c < C
     cn = tl.load(cnt + s.to(tl.int64) * C + offs_c, mask=cmask, other=0)
-    prog = (chunk * BN) // TPP
-    pb = tl.load(pbase + (s.to(tl.int64) * NPROG + prog) * C + offs_c, mask=cmask, other=0)
-    start = tl.cumsum(cn, 0) - cn + pb
+    start = tl.cumsum(cn, 0) - cn
+    if not POS_ATOMIC:
+        prog = (chunk * BN) // TPP
+        start += tl.load(pbase + (s.to(tl.int64) * NPROG + prog) * C + offs_c, mask=cmask, other=0)
     offs_n = chunk * BN + tl.arange(0, BN)
     nmask = offs_n < Lp
     abase = s.to(tl.int64) * L
@@ -195,10 +207,19 @@ def centroid_dir(X, scale_x, mu, sums, cnt, perm, qbar_out, u_out, GS, P, LEN_TO
             cov += tl.dot(tl.trans(dl), dl, input_precision="$PREC")
         u = $U0
         u = u / tl.sqrt(tl.sum(u * u, 0))
-        for _ in tl.static_range(POWER_ITERS):
-            nu = tl.sum(cov * u[None, :], 1)
-            nrm = tl.sqrt(tl.sum(nu * nu, 0))
-            u = tl.where(nrm > 0, nu / tl.maximum(nrm, 1.1754943508222875e-38), u)
+        # u ∝ cov^POWER_ITERS · u0 (the reference's power iteration; the direction is the same) by binary
+        # powers: tensor-core squarings of cov and one mat-vec per set bit, instead of POWER_ITERS dependent
+        # mat-vec reductions. Each power is divided by its trace (>= its top eigenvalue) so it stays bounded.
+        eye = offs_d[:, None] == offs_d[None, :]
+        pw = cov / tl.maximum(tl.sum(tl.sum(tl.where(eye, cov, 0.0), 1), 0), 1.1754943508222875e-38)
+        for bit in tl.static_range(8):   # POWER_ITERS < 256
+            if (POWER_ITERS >> bit) & 1:
+                nu = tl.sum(pw * u[None, :], 1)
+                nrm = tl.sqrt(tl.sum(nu * nu, 0))
+                u = tl.where(nrm > 0, nu / tl.maximum(nrm, 1.1754943508222875e-38), u)
+            if (POWER_ITERS >> (bit + 1)) > 0:
+                pw = tl.dot(pw, pw, input_precision="$PREC32")
+                pw = pw / tl.maximum(tl.sum(tl.sum(tl.where(eye, pw, 0.0), 1), 0), 1.1754943508222875e-38)
         if $NATIVE:
             u = u.to($CDT).to(tl.float32)
         tl.store(u_out + rp, u)
@@ -488,12 +509,15 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
 def exact_causal(Q, K, V, scale_q, valid_ptr, out, lse_out, G, HKV, N, E,
                  BM: tl.constexpr, BN: tl.constexpr, HAS_VALID: tl.constexpr):
     """Exact causal attention inside aligned chunks of E tokens (the local blocks plus the exact levels of
-    the causal schedule): query i attends keys [floor(i / E)·E, i]. Flash-style, fp32 online softmax."""
+    the causal schedule): query i attends keys [floor(i / E)·E, i]. Flash-style, fp32 online softmax in base 2.
+    Key blocks every row of the tile sees in full run without the causal mask; the rest (the diagonal, or
+    everything when the tile straddles two chunks) with it."""
     zg = tl.program_id(0)
     tile = tl.program_id(1)
     z = zg // G
     b = z // HKV
-    offs_m = tile * BM + tl.arange(0, BM)
+    t0 = tile * BM
+    offs_m = t0 + tl.arange(0, BM)
     mmask = offs_m < N
     offs_d = tl.arange(0, $BD)
     dmask = offs_d < $D
@@ -501,21 +525,39 @@ def exact_causal(Q, K, V, scale_q, valid_ptr, out, lse_out, G, HKV, N, E,
     vmask = offs_v < $DV
     qrow = zg.to(tl.int64) * N + offs_m
     qv = tl.load(Q + qrow[:, None] * $D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+    qk_scale = scale_q * 1.4426950408889634        # scores in base 2: exp2(s·log2 e) = exp(s)
     kstart_row = (offs_m // E) * E
-    lo = ((tile * BM) // E) * E
-    hi = tl.minimum(tile * BM + BM, N)
+    hi = tl.minimum(t0 + BM, N)
+    lo = (t0 // E) * E
+    one_chunk = (hi - 1) // E == t0 // E
+    full_hi = lo + ((tl.where(one_chunk, t0, lo) - lo) // BN) * BN
     m = tl.full([BM], float("-inf"), tl.float32)
     l = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, $BDV], dtype=tl.float32)
     krow0 = z.to(tl.int64) * N
-    for kb in range(lo, hi, BN):
+    for kb in range(lo, full_hi, BN):
+        offs_n = kb + tl.arange(0, BN)
+        kc = tl.load(K + (krow0 + offs_n)[:, None] * $D + offs_d[None, :], mask=dmask[None, :], other=0.0)
+        vc = tl.load(V + (krow0 + offs_n)[:, None] * $DV + offs_v[None, :], mask=vmask[None, :], other=0.0)
+        sc = tl.dot(qv, tl.trans(kc), input_precision="$PREC").to(tl.float32) * qk_scale
+        if HAS_VALID:
+            vv = tl.load(valid_ptr + b.to(tl.int64) * N + offs_n)
+            sc = tl.where((vv != 0)[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        m0 = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m0)
+        w = tl.exp2(sc - m0[:, None])
+        l = l * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.dot(w.to(vc.dtype), vc, input_precision="$PREC")
+        m = m_new
+    for kb in range(full_hi, hi, BN):
         offs_n = kb + tl.arange(0, BN)
         nmask = offs_n < N
         kc = tl.load(K + (krow0 + offs_n)[:, None] * $D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
                      other=0.0)
         vc = tl.load(V + (krow0 + offs_n)[:, None] * $DV + offs_v[None, :], mask=nmask[:, None] & vmask[None, :],
                      other=0.0)
-        sc = tl.dot(qv, tl.trans(kc), input_precision="$PREC").to(tl.float32) * scale_q
+        sc = tl.dot(qv, tl.trans(kc), input_precision="$PREC").to(tl.float32) * qk_scale
         ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= kstart_row[:, None]) & nmask[None, :]
         if HAS_VALID:
             vv = tl.load(valid_ptr + b.to(tl.int64) * N + offs_n, mask=nmask, other=0)
@@ -523,8 +565,8 @@ def exact_causal(Q, K, V, scale_q, valid_ptr, out, lse_out, G, HKV, N, E,
         sc = tl.where(ok, sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 1))
         m0 = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m0)
-        w = tl.exp(sc - m0[:, None])
+        alpha = tl.exp2(m - m0)
+        w = tl.exp2(sc - m0[:, None])
         l = l * alpha + tl.sum(w, 1)
         acc = acc * alpha[:, None] + tl.dot(w.to(vc.dtype), vc, input_precision="$PREC")
         m = m_new
@@ -533,5 +575,6 @@ def exact_causal(Q, K, V, scale_q, valid_ptr, out, lse_out, G, HKV, N, E,
     m0 = tl.where(m == float("-inf"), 0.0, m)
     tl.store(out + qrow[:, None] * $DV + offs_v[None, :], (acc * inv[:, None]).to(out.dtype.element_ty),
              mask=mmask[:, None] & vmask[None, :])
-    tl.store(lse_out + qrow, tl.where(ne, m0 + tl.log(tl.where(ne, l, 1.0)), float("-inf")), mask=mmask)
+    lse = (m0 + tl.log2(tl.where(ne, l, 1.0))) * 0.6931471805599453
+    tl.store(lse_out + qrow, tl.where(ne, lse, float("-inf")), mask=mmask)
 '''

@@ -132,3 +132,28 @@ def test_native_16bit_path_matches_reference(causal, dipole):
         _check(q, k, v, tol=5e-3, lse_tol=1e-4, **kw)
     finally:
         T.TUNE.clear()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_kmeans_position_modes(deterministic):
+    """Both ways of placing tokens in the counting sort (per-token atomics; per-program ranks, which torch's
+    deterministic mode selects) give the reference's result, acausal and causal (answer sets), with a mask."""
+    q, k, v = _data(2, 2, 1, 300, 300, 16, 16, torch.float32, seed=11)
+    kpm = torch.rand(2, 300, generator=torch.Generator().manual_seed(2)) > 0.2
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for causal in (False, True):
+            _check(q, k, v, clusters=4, causal=causal, block_size=32, key_padding_mask=kpm)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def test_causal_chunks_not_aligned_to_tiles():
+    """A block size that is no multiple of the exact kernel's tiles: query tiles straddle two exact chunks
+    (fully masked path) or sit inside one (unmasked key blocks, then the diagonal)."""
+    q, k, v = _data(1, 2, 1, 150, 150, 16, 16, torch.float32, seed=8)
+    kpm = torch.rand(1, 150, generator=torch.Generator().manual_seed(3)) > 0.25
+    p = T.make_plan(q, k, v, causal=True, clusters=1, block_size=24, key_padding_mask=kpm)
+    assert p.exact_chunk % p.bm_exact != 0 and p.levels
+    _check(q, k, v, causal=True, clusters=1, block_size=24, key_padding_mask=kpm)
