@@ -17,6 +17,7 @@ def main():
     ap.add_argument("--no-dipole", action="store_true")
     ap.add_argument("--tune", nargs="*", default=["{}"])
     ap.add_argument("--per-launch", action="store_true", help="also list every launch of one call in order")
+    ap.add_argument("--compact", action="store_true", help="one line of kernel times per variant")
     args = ap.parse_args()
     from muse_compile.kernels import triton_muse as T
     import triton
@@ -41,8 +42,11 @@ def main():
                 tot[name] = tot.get(name, 0.0) + e.device_time_total / 5 / 1000
         print(f"== tune={tune} N={args.n} C={args.clusters} causal={args.causal}: {ms:.3f} ms (do_bench median), "
               f"kernel sum {sum(tot.values()):.3f} ms")
-        for name, t in sorted(tot.items(), key=lambda x: -x[1]):
-            print(f"   {t:8.4f} ms  {name}")
+        if args.compact:
+            print("   " + ", ".join(f"{name} {t:.4f}" for name, t in sorted(tot.items(), key=lambda x: -x[1])))
+        else:
+            for name, t in sorted(tot.items(), key=lambda x: -x[1]):
+                print(f"   {t:8.4f} ms  {name}")
         if args.per_launch:
             evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             n1 = len(evs) // 5

@@ -4,8 +4,7 @@ The template is specialised per kernel spec by ``string.Template`` substitution 
 
 ``$D`` / ``$DV`` (head dim / value dim), ``$BD`` / ``$BDV`` (their power-of-two paddings, >= 16), ``$PREC``
 (``tl.dot`` input precision: "ieee" in the CPU interpreter, "tf32x3" for float32 inputs on the GPU, "tf32"
-for 16-bit inputs on the GPU; fp32 accumulation always), ``$PREC32`` (float32-accurate products of float32
-operands: "ieee" in the interpreter, "tf32x3" on the GPU), ``$DIPOLE`` (True/False), ``$NATIVE`` / ``$CDT`` (16-bit inputs on the GPU: dot operands stay in the
+for 16-bit inputs on the GPU; fp32 accumulation always), ``$DIPOLE`` (True/False), ``$NATIVE`` / ``$CDT`` (16-bit inputs on the GPU: dot operands stay in the
 input dtype ``$CDT``, flash-style, with fp32 accumulation; centroids, tilt points, dipole directions and the
 k̃/ṽ/g summaries are rounded to ``$CDT`` once, where they are made, and every consumer uses the rounded values,
 so the rounding only moves the tilt points and never makes the kernels disagree with each other), ``$U0`` (the first power-iteration vector
@@ -207,19 +206,10 @@ def centroid_dir(X, scale_x, mu, sums, cnt, perm, qbar_out, u_out, GS, P, LEN_TO
             cov += tl.dot(tl.trans(dl), dl, input_precision="$PREC")
         u = $U0
         u = u / tl.sqrt(tl.sum(u * u, 0))
-        # u ∝ cov^POWER_ITERS · u0 (the reference's power iteration; the direction is the same) by binary
-        # powers: tensor-core squarings of cov and one mat-vec per set bit, instead of POWER_ITERS dependent
-        # mat-vec reductions. Each power is divided by its trace (>= its top eigenvalue) so it stays bounded.
-        eye = offs_d[:, None] == offs_d[None, :]
-        pw = cov / tl.maximum(tl.sum(tl.sum(tl.where(eye, cov, 0.0), 1), 0), 1.1754943508222875e-38)
-        for bit in tl.static_range(8):   # POWER_ITERS < 256
-            if (POWER_ITERS >> bit) & 1:
-                nu = tl.sum(pw * u[None, :], 1)
-                nrm = tl.sqrt(tl.sum(nu * nu, 0))
-                u = tl.where(nrm > 0, nu / tl.maximum(nrm, 1.1754943508222875e-38), u)
-            if (POWER_ITERS >> (bit + 1)) > 0:
-                pw = tl.dot(pw, pw, input_precision="$PREC32")
-                pw = pw / tl.maximum(tl.sum(tl.sum(tl.where(eye, pw, 0.0), 1), 0), 1.1754943508222875e-38)
+        for _ in tl.static_range(POWER_ITERS):
+            nu = tl.sum(cov * u[None, :], 1)
+            nrm = tl.sqrt(tl.sum(nu * nu, 0))
+            u = tl.where(nrm > 0, nu / tl.maximum(nrm, 1.1754943508222875e-38), u)
         if $NATIVE:
             u = u.to($CDT).to(tl.float32)
         tl.store(u_out + rp, u)
