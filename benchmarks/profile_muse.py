@@ -18,8 +18,14 @@ def main():
     ap.add_argument("--tune", nargs="*", default=["{}"])
     ap.add_argument("--per-launch", action="store_true", help="also list every launch of one call in order")
     ap.add_argument("--compact", action="store_true", help="one line of kernel times per variant")
+    ap.add_argument("--exact-level-factor", type=int, default=0,
+                    help="override lowering.schedule.EXACT_LEVEL_FACTOR (causal levels run exact below factor·C)")
     args = ap.parse_args()
     from muse_compile.kernels import triton_muse as T
+    if args.exact_level_factor:
+        from muse_compile.lowering import plan as PL, schedule
+        schedule.EXACT_LEVEL_FACTOR = args.exact_level_factor
+        PL._plan.cache_clear()
     import triton
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(4, 8, args.n, args.d, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))

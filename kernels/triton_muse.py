@@ -74,13 +74,23 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
         return out, lse
     direct = len(pl.levels) == 0
     acc = torch.empty(B, H, N, Dv, device=dev, dtype=q.dtype if direct else torch.float32)
+    # the exact part (local blocks + exact levels) runs on a second side stream while the MuSe levels
+    # cluster; the first level's stage 2, which merges into its output, waits for it
+    ex = _side_stream(dev, 1) if pl.overlap else None
+    done = None
     if "local" in _phases:
         BM, BN = pl.bm_exact, pl.bn_exact
-        mod.exact_causal[(B * H, triton_cdiv(N, BM))](
-            q, k, v, s, valid if valid is not None else q, acc, lse, G, Hkv, N, pl.exact_chunk,
-            BM=BM, BN=BN, HAS_VALID=valid is not None, num_warps=pl.warps_exact or pl.warps)
-    for lv in pl.levels:
-        _level(mod, pl, lv, q, k, v, valid, s, Z, G, Hkv, N, N, acc, lse, merge=True, phases=_phases)
+        with _fork(ex):
+            mod.exact_causal[(B * H, triton_cdiv(N, BM))](
+                q, k, v, s, valid if valid is not None else q, acc, lse, G, Hkv, N, pl.exact_chunk,
+                BM=BM, BN=BN, HAS_VALID=valid is not None, num_warps=pl.warps_exact or pl.warps)
+            if ex is not None:
+                done = torch.cuda.Event()
+                done.record(ex)
+    for i, lv in enumerate(pl.levels):
+        _level(mod, pl, lv, q, k, v, valid, s, Z, G, Hkv, N, N, acc, lse, merge=True, phases=_phases,
+               stage2_after=done if i == 0 else None)
+    _join(ex)
     if direct or "cast" not in _phases:
         return acc, lse
     return acc.to(q.dtype), lse
@@ -108,7 +118,11 @@ def _init_index(valid, lv, Hkv, C):
     return idx[:, None].expand(B, Hkv, P, C).reshape(B * Hkv * P, C).to(torch.int32).contiguous()
 
 
-def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out, lse, *, merge, phases):
+def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out, lse, *, merge, phases,
+           stage2_after=None):
+    """One acausal MuSe problem batch. The query side (k-means, scatter, centroids and directions) runs on the
+    caller's stream; the key side (k-means, scatter) and the guard samples' exact attention run at the same
+    time on a side stream (on CUDA), joined before stage 1. ``stage2_after``: an event stage 2 waits for."""
     dev = q.device
     spec = pl.spec
     BD, BDV = spec.bd, spec.bdv
@@ -119,6 +133,7 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     T = pl.kmeans_iters
     Lf, Lk, La = lv.fit_len, lv.key_len, lv.ans_len
     BN = pl.bn_kmeans
+    A = G * Cq
     f32, i32 = torch.float32, torch.int32
     nw = pl.warps
     kw_k = dict(num_warps=pl.warps_kmeans)
@@ -131,80 +146,92 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     # per-token atomic positions unless the caller asked torch for deterministic algorithms
     pa = pl.pos_atomic and not torch.are_deterministic_algorithms_enabled()
     tiles = functools.partial(_tiles, target=pl.kmeans_programs)
-    # zero-initialised workspace (sums and counts of every pass), one allocation
-    nq_sum = (T + 1) * NSq * Cq * BD
-    nk_sum = (T + 1) * NSk * Ck * BD
-    nq_cnt = (T + 1) * NSq * Cq
-    nk_cnt = (T + 1) * NSk * Ck
-    na_cnt = 0 if lv.same else NSq * Cq
-    zbuf = torch.zeros(nq_sum + nk_sum + nq_cnt + nk_cnt + na_cnt, device=dev, dtype=f32)
-    qsums = zbuf[:nq_sum].view(T + 1, NSq * Cq * BD)
-    ksums = zbuf[nq_sum:nq_sum + nk_sum].view(T + 1, NSk * Ck * BD)
-    o = nq_sum + nk_sum
-    qcnt = zbuf[o:o + nq_cnt].view(i32).view(T + 1, NSq * Cq)
-    kcnt = zbuf[o + nq_cnt:o + nq_cnt + nk_cnt].view(i32).view(T + 1, NSk * Ck)
-    acnt = zbuf[o + nq_cnt + nk_cnt:].view(i32)
-    qmu = torch.empty(T + 1, NSq * Cq * BD, device=dev, dtype=f32)
-    kmu = torch.empty(T + 1, NSk * Ck * BD, device=dev, dtype=f32)
-    ibuf = torch.empty(2 * NSq * Lf + 2 * NSk * Lk, device=dev, dtype=i32)
-    qassign, qpos = ibuf[:NSq * Lf], ibuf[NSq * Lf:2 * NSq * Lf]
-    kassign, kpos = ibuf[2 * NSq * Lf:2 * NSq * Lf + NSk * Lk], ibuf[2 * NSq * Lf + NSk * Lk:]
-    qperm = torch.empty(NSq * Lf, device=dev, dtype=i32)
-    kperm = torch.empty(NSk * Lk, device=dev, dtype=i32)
-    init = None
-    if valid is not None:
-        init = _init_index(valid, lv, Hkv, Ck)
-    fit_off, k_off = 0, 0
-    ps = lv.pair_stride
-    dummy = qsums
+    fit_off, k_off, ps = 0, 0, lv.pair_stride
     rq, rk = kmeans_fit_stride(Lf, Cq), kmeans_fit_stride(Lk, Ck)
     if "fit_stride" in TUNE:
         rq = rk = int(TUNE["fit_stride"])
     tq, tk = tiles(NSq, Lf, BN), tiles(NSk, Lk, BN)
     npq, npk = triton_cdiv(Lf, BN * tq), triton_cdiv(Lk, BN * tk)
-    qpb = torch.empty(NSq * npq * Cq, device=dev, dtype=i32)
-    kpb = torch.empty(NSk * npk * Ck, device=dev, dtype=i32)
-    if "cluster" in phases:
-        for t in range(T + 1):
-            mode = 0 if t == 0 else 1
-            final = t == T
-            prev = max(t - 1, 0)
-            r_q, r_k = (1, 1) if final else (rq, rk)
-            t_q = tq if final else tiles(NSq, triton_cdiv(Lf, r_q), BN)
-            t_k = tk if final else tiles(NSk, triton_cdiv(Lk, r_k), BN)
-            mod.kmeans_pass[(NSq, triton_cdiv(triton_cdiv(Lf, r_q), BN * t_q))](
-                q, scale, dummy, qmu[prev], qsums[prev], qcnt[prev], qmu[t], qsums[t], qcnt[t], qassign, qpos, qpb,
-                dummy, G, P, N, fit_off, ps, Lf, Hkv, r_q, npq,
-                C=Cq, BC=BCq, BN=BN, TILES=t_q, MODE=mode, INIT_IDX=False, HAS_VALID=False, SUMS=True,
-                FINAL=final, POS_ATOMIC=pa, **kw_k)
-            mod.kmeans_pass[(NSk, triton_cdiv(triton_cdiv(Lk, r_k), BN * t_k))](
-                k, 1.0, init if init is not None else dummy, kmu[prev], ksums[prev], kcnt[prev], kmu[t], ksums[t],
-                kcnt[t], kassign, kpos, kpb, valid if valid is not None else dummy,
-                1, P, M, k_off, ps, Lk, Hkv, r_k, npk,
-                C=Ck, BC=BCk, BN=BN, TILES=t_k, MODE=mode, INIT_IDX=init is not None, HAS_VALID=valid is not None,
-                SUMS=not final, FINAL=final, POS_ATOMIC=pa, **kw_k)
-        mod.scatter_perm[(NSq, triton_cdiv(Lf, BN))](qcnt[T], qassign, qpos, qpb, qperm, G, P, N, fit_off, ps, Lf,
-                                                     npq, BN * tq, C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa,
-                                                     num_warps=nw)
-        mod.scatter_perm[(NSk, triton_cdiv(Lk, BN))](kcnt[T], kassign, kpos, kpb, kperm, 1, P, M, k_off, ps, Lk,
-                                                     npk, BN * tk, C=Ck, BC=BCk, BN=BN, POS_ATOMIC=pa,
-                                                     num_warps=nw)
-    qbar = torch.empty(NSq * Cq * BD, device=dev, dtype=f32)
-    u = torch.empty(NSq * Cq * BD, device=dev, dtype=f32) if spec.dipole else qbar
-    if "cluster" in phases:
-        mod.centroid_dir[(NSq, Cq)](q, scale, qmu[T], qsums[T], qcnt[T], qperm, qbar, u, G, P, N, fit_off, ps, Lf,
-                                    C=Cq, BC=BCq, BN=min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS, num_warps=nw)
+    ta = tiles(NSq, La, BN)
+    npa = triton_cdiv(La, BN * ta)
+    ns = min(Lf, GUARD_SAMPLES)
+    BS = guard_sample_block(_interp())
+    nsb = triton_cdiv(G * ns, BS)
+    KS = guard_chunks(NSk, nsb, Lk, _interp())      # the guard samples' key set, split for parallelism
+
+    # workspaces, all allocated before the streams fork: zero-initialised (k-means sums and counts of every
+    # pass, answer-set counts, the guard's λ sums) and uninitialised (the rest)
+    nq_sum, nk_sum = (T + 1) * NSq * Cq * BD, (T + 1) * NSk * Ck * BD
+    nq_cnt, nk_cnt = (T + 1) * NSq * Cq, (T + 1) * NSk * Ck
+    na_cnt = 0 if lv.same else NSq * Cq
+    n_lam = 2 * NSq if spec.dipole else 0
+    zbuf, (qsums, ksums, qcnt, kcnt, acnt, lam) = _alloc(
+        dev, f32, [(nq_sum, f32), (nk_sum, f32), (nq_cnt, i32), (nk_cnt, i32), (na_cnt, i32), (n_lam, f32)],
+        zero=True)
+    qsums, ksums = qsums.view(T + 1, -1), ksums.view(T + 1, -1)
+    qcnt, kcnt = qcnt.view(T + 1, -1), kcnt.view(T + 1, -1)
+    sdt = q.dtype if spec.native else f32     # k̃, ṽ, g storage (β, σ stay float32)
+    n_sum = NSk * A * Ck
+    parts = [(T + 1) * NSq * Cq * BD, (T + 1) * NSk * Ck * BD,                 # qmu, kmu
+             NSq * Lf, NSq * Lf, NSq * Lf, NSk * Lk, NSk * Lk, NSk * Lk,       # assign, pos, perm (q, k)
+             NSq * npq * Cq, NSk * npk * Ck,                                   # per-program bases
+             NSq * Cq * BD, NSq * Cq * BD if spec.dipole else 0,               # qbar, u
+             n_sum, n_sum if spec.dipole else 0]                               # beta, sig
+    parts += [0, 0, 0, 0] if lv.same else [NSq * La, NSq * La, NSq * La, NSq * npa * Cq]
+    parts += [NSk * G * ns * KS * BDV, NSk * G * ns * KS] if spec.dipole else [0, 0]     # po, plse
+    types = [f32, f32] + [i32] * 8 + [f32] * 4 + [i32] * 4 + [f32, f32]
+    (qmu, kmu, qassign, qpos, qperm, kassign, kpos, kperm, qpb, kpb, qbar, u, beta, sig,
+     aassign, apos, aperm, apb, po, plse) = _alloc(dev, f32, list(zip(parts, types)))[1]
+    qmu, kmu = qmu.view(T + 1, -1), kmu.view(T + 1, -1)
+    kt, vt, gs = _alloc(dev, sdt, [(n_sum * BD, sdt), (n_sum * BDV, sdt), (n_sum * BDV if spec.dipole else 0, sdt)])[1]
+    if not spec.dipole:
+        u, sig, gs, po, plse, lam = qbar, beta, vt, vt, beta, beta
     if lv.same:
         aperm, acount = qperm, qcnt[T]
     else:
-        aassign = torch.empty(NSq * La, device=dev, dtype=i32)
-        apos = torch.empty(NSq * La, device=dev, dtype=i32)
-        aperm = torch.empty(NSq * La, device=dev, dtype=i32)
         acount = acnt
+    init = _init_index(valid, lv, Hkv, Ck) if valid is not None else None
+    dummy = zbuf
+    side = _side_stream(dev) if pl.overlap else None
+
+    with _fork(side):
+        # key side: Lloyd passes, counting-sort scatter, and the guard samples' exact attention
         if "cluster" in phases:
-            ta = tiles(NSq, La, BN)
-            npa = triton_cdiv(La, BN * ta)
-            apb = torch.empty(NSq * npa * Cq, device=dev, dtype=i32)
+            for t in range(T + 1):
+                final, prev = t == T, max(t - 1, 0)
+                r_k = 1 if final else rk
+                t_k = tk if final else tiles(NSk, triton_cdiv(Lk, r_k), BN)
+                mod.kmeans_pass[(NSk, triton_cdiv(triton_cdiv(Lk, r_k), BN * t_k))](
+                    k, 1.0, init if init is not None else dummy, kmu[prev], ksums[prev], kcnt[prev], kmu[t],
+                    ksums[t], kcnt[t], kassign, kpos, kpb, valid if valid is not None else dummy,
+                    1, P, M, k_off, ps, Lk, Hkv, r_k, npk,
+                    C=Ck, BC=BCk, BN=BN, TILES=t_k, MODE=0 if t == 0 else 1, INIT_IDX=init is not None,
+                    HAS_VALID=valid is not None, SUMS=not final, FINAL=final, POS_ATOMIC=pa, **kw_k)
+            mod.scatter_perm[(NSk, triton_cdiv(Lk, BN))](kcnt[T], kassign, kpos, kpb, kperm, 1, P, M, k_off, ps,
+                                                         Lk, npk, BN * tk, C=Ck, BC=BCk, BN=BN, POS_ATOMIC=pa,
+                                                         num_warps=nw)
+        if spec.dipole and "stage1" in phases:
+            mod.guard_exact[(NSk, KS, nsb)](
+                q, k, v, scale, valid if valid is not None else q, po, plse,
+                G, P, M, k_off, ps, Lk, N, fit_off, ps, Lf, ns, Hkv, KS,
+                BS=BS, BN=pl.bn_exact, HAS_VALID=valid is not None, num_warps=nw)
+    # query side, on the caller's stream meanwhile
+    if "cluster" in phases:
+        for t in range(T + 1):
+            final, prev = t == T, max(t - 1, 0)
+            r_q = 1 if final else rq
+            t_q = tq if final else tiles(NSq, triton_cdiv(Lf, r_q), BN)
+            mod.kmeans_pass[(NSq, triton_cdiv(triton_cdiv(Lf, r_q), BN * t_q))](
+                q, scale, dummy, qmu[prev], qsums[prev], qcnt[prev], qmu[t], qsums[t], qcnt[t], qassign, qpos, qpb,
+                dummy, G, P, N, fit_off, ps, Lf, Hkv, r_q, npq,
+                C=Cq, BC=BCq, BN=BN, TILES=t_q, MODE=0 if t == 0 else 1, INIT_IDX=False, HAS_VALID=False,
+                SUMS=True, FINAL=final, POS_ATOMIC=pa, **kw_k)
+        mod.scatter_perm[(NSq, triton_cdiv(Lf, BN))](qcnt[T], qassign, qpos, qpb, qperm, G, P, N, fit_off, ps, Lf,
+                                                     npq, BN * tq, C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa,
+                                                     num_warps=nw)
+        mod.centroid_dir[(NSq, Cq)](q, scale, qmu[T], qsums[T], qcnt[T], qperm, qbar, u, G, P, N, fit_off, ps, Lf,
+                                    C=Cq, BC=BCq, BN=min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS, num_warps=nw)
+        if not lv.same:
             mod.kmeans_pass[(NSq, npa)](
                 q, scale, dummy, qbar, dummy, acnt, dummy, dummy, acnt, aassign, apos, apb, dummy,
                 G, P, N, lv.ans_off, ps, La, Hkv, 1, npa,
@@ -213,34 +240,13 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
             mod.scatter_perm[(NSq, triton_cdiv(La, BN))](acnt, aassign, apos, apb, aperm, G, P, N, lv.ans_off, ps,
                                                          La, npa, BN * ta, C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa,
                                                          num_warps=nw)
-    A = G * Cq
-    sdt = q.dtype if spec.native else f32     # k̃, ṽ, g storage (β, σ stay float32)
-    kt = torch.empty(NSk * A * Ck * BD, device=dev, dtype=sdt)
-    vt = torch.empty(NSk * A * Ck * BDV, device=dev, dtype=sdt)
-    beta = torch.empty(NSk * A * Ck, device=dev, dtype=f32)
-    gs = torch.empty(NSk * A * Ck * BDV, device=dev, dtype=sdt) if spec.dipole else vt
-    sig = torch.empty(NSk * A * Ck, device=dev, dtype=f32) if spec.dipole else beta
-    ns = min(Lf, GUARD_SAMPLES)
-    BS = guard_sample_block(_interp())
-    nsb = triton_cdiv(G * ns, BS)
-    KS = guard_chunks(NSk, nsb, Lk, _interp())      # the guard samples' key set, split for parallelism
-    if spec.dipole:
-        po = torch.empty(NSk * G * ns * KS * BDV, device=dev, dtype=f32)
-        plse = torch.empty(NSk * G * ns * KS, device=dev, dtype=f32)
-        lam = torch.zeros(2 * NSq, device=dev, dtype=f32)   # Σ dip·(exact − mono), Σ dip² per head
-    else:
-        po, plse, lam = vt, beta, beta
+    _join(side)
     BA = pl.ba_stage1
-    nab = triton_cdiv(A, BA)
     if "stage1" in phases:
-        mod.stage1[(NSk, triton_cdiv(Ck, pl.jb_stage1), nab)](
+        mod.stage1[(NSk, triton_cdiv(Ck, pl.jb_stage1), triton_cdiv(A, BA))](
             k, v, qbar, u, kperm, kcnt[T], kmu[T], kt, vt, beta, gs, sig, G, P, M, k_off, ps, Lk,
             CQ=Cq, CK=Ck, BCK=BCk, BA=BA, BN=pl.bn_stage1, JB=pl.jb_stage1, **kw_s)
         if spec.dipole:
-            mod.guard_exact[(NSk, KS, nsb)](
-                q, k, v, scale, valid if valid is not None else q, po, plse,
-                G, P, M, k_off, ps, Lk, N, fit_off, ps, Lf, ns, Hkv, KS,
-                BS=BS, BN=pl.bn_exact, HAS_VALID=valid is not None, num_warps=nw)
             mod.guard[(NSq, ns)](q, scale, qbar, u, qassign, kt, vt, beta, gs, sig, po, plse, lam,
                                  G, P, N, fit_off, ps, Lf, ns, KS, CQ=Cq, CK=Ck, BCK=BCk, BKS=_pow2(KS, 2),
                                  num_warps=nw)
@@ -249,12 +255,64 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
                               gs=gs, sig=sig, po=po, plse=plse, qbar=qbar, u=u, qassign=qassign,
                               dims=(NSq, ns, Cq, Ck, BD, BDV, G, Lf, KS))
     if "stage2" in phases:
+        if stage2_after is not None:
+            torch.cuda.current_stream(dev).wait_event(stage2_after)
         mod.stage2[(NSq, Cq)](q, scale, aperm, acount, kt, vt, beta, gs, sig, qbar, u, lam, out, lse,
                               G, P, N, lv.ans_off, ps, La,
                               CQ=Cq, CK=Ck, BCQ=BCq, BCK=BCk, BM=pl.bm_stage2, MERGE=merge,
                               **kw_s2)
 
 
+def _alloc(dev, dtype, parts, zero=False):
+    """One buffer of ``dtype`` cut into views: ``parts`` = [(elements, view dtype of the same size)]; each
+    piece starts at a multiple of 16 elements. Returns (buffer, views)."""
+    sizes = [-(-n // 16) * 16 for n, _ in parts]
+    buf = (torch.zeros if zero else torch.empty)(max(sum(sizes), 1), device=dev, dtype=dtype)
+    out, o = [], 0
+    for (n, dt), sz in zip(parts, sizes):
+        piece = buf[o:o + n]
+        out.append(piece if dt == dtype else piece.view(dt))
+        o += sz
+    return buf, out
+
+
+_SIDE: dict = {}
+
+
+def _side_stream(dev, i: int = 0):
+    """Side stream ``i`` of a CUDA device (None elsewhere: the interpreter runs everything in order)."""
+    if dev.type != "cuda":
+        return None
+    key = (dev.index if dev.index is not None else torch.cuda.current_device(), i)
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(device=key[0])
+    return _SIDE[key]
+
+
+class _fork:
+    """``with _fork(side):`` runs the block on ``side`` after the work queued so far on the current stream."""
+
+    def __init__(self, side):
+        self.side = side
+        self.ctx = None
+
+    def __enter__(self):
+        if self.side is not None:
+            self.side.wait_stream(torch.cuda.current_stream(self.side.device))
+            self.ctx = torch.cuda.stream(self.side)
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+        return False
+
+
+def _join(side) -> None:
+    """The current stream waits for everything queued on ``side``."""
+    if side is not None:
+        torch.cuda.current_stream(side.device).wait_stream(side)
 
 
 def _tiles(ns: int, length: int, bn: int, target: int = 264) -> int:

@@ -204,12 +204,21 @@ def centroid_dir(X, scale_x, mu, sums, cnt, perm, qbar_out, u_out, GS, P, LEN_TO
             # float32 operands even for 16-bit inputs: on near-isotropic offsets the main direction is
             # ill-conditioned and should not move with the input dtype more than it must
             cov += tl.dot(tl.trans(dl), dl, input_precision="$PREC")
-        u = $U0
-        u = u / tl.sqrt(tl.sum(u * u, 0))
-        for _ in tl.static_range(POWER_ITERS):
-            nu = tl.sum(cov * u[None, :], 1)
-            nrm = tl.sqrt(tl.sum(nu * nu, 0))
-            u = tl.where(nrm > 0, nu / tl.maximum(nrm, 1.1754943508222875e-38), u)
+        u0 = $U0
+        # u ∝ cov^POWER_ITERS · u0, the reference's power iteration. cov is divided once by its trace
+        # (>= its top eigenvalue, <= D times it), so the unnormalised powers neither overflow nor underflow
+        # and one normalisation at the end gives the same direction. cov is symmetric: the mat-vec reduces
+        # over rows and columns in turn, so u never changes register layout between steps.
+        tr = tl.sum(tl.sum(tl.where(offs_d[:, None] == offs_d[None, :], cov, 0.0), 1), 0)
+        cn = cov / tl.maximum(tr, 1.1754943508222875e-38)
+        u = u0
+        for it in tl.static_range(POWER_ITERS):
+            if it % 2 == 0:
+                u = tl.sum(cn * u[None, :], 1)
+            else:
+                u = tl.sum(cn * u[:, None], 0)
+        nrm = tl.sqrt(tl.sum(u * u, 0))
+        u = tl.where(nrm > 0, u / tl.maximum(nrm, 1.1754943508222875e-38), u0 / tl.sqrt(tl.sum(u0 * u0, 0)))
         if $NATIVE:
             u = u.to($CDT).to(tl.float32)
         tl.store(u_out + rp, u)

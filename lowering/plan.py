@@ -74,6 +74,7 @@ class KernelPlan:
     kmeans_programs: int = 264        # k-means programs per pass to aim for (tiles per program follow)
     warps_stage2: int = 0             # 0: warps_stage
     warps_exact: int = 0              # 0: warps
+    overlap: bool = True              # key side / exact part on side streams, concurrent with the query side
 
     @property
     def groups(self) -> int:
