@@ -18,6 +18,7 @@ def main():
     ap.add_argument("--tune", nargs="*", default=["{}"])
     ap.add_argument("--per-launch", action="store_true", help="also list every launch of one call in order")
     ap.add_argument("--compact", action="store_true", help="one line of kernel times per variant")
+    ap.add_argument("--graph", action="store_true", help="also time the call replayed from a CUDA graph")
     ap.add_argument("--exact-level-factor", type=int, default=0,
                     help="override lowering.schedule.EXACT_LEVEL_FACTOR (causal levels run exact below factor·C)")
     args = ap.parse_args()
@@ -37,6 +38,12 @@ def main():
         fn()
         torch.cuda.synchronize()
         ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        gms = float("nan")
+        if args.graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            gms = triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 fn()
@@ -47,7 +54,7 @@ def main():
                 name = e.name.split("(")[0][:40]
                 tot[name] = tot.get(name, 0.0) + e.device_time_total / 5 / 1000
         print(f"== tune={tune} N={args.n} C={args.clusters} causal={args.causal}: {ms:.3f} ms (do_bench median), "
-              f"kernel sum {sum(tot.values()):.3f} ms")
+              f"graph {gms:.3f} ms, kernel sum {sum(tot.values()):.3f} ms")
         if args.compact:
             print("   " + ", ".join(f"{name} {t:.4f}" for name, t in sorted(tot.items(), key=lambda x: -x[1])))
         else:
