@@ -51,6 +51,8 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
         raise ValueError(f"the Triton MuSe path does not take this call: {why}")
     if kmeans_iters < 0 or clusters < 1 or block_size < 1 or (query_clusters is not None and query_clusters < 1):
         raise ValueError("clusters, query_clusters, block_size must be >= 1 and kmeans_iters >= 0")
+    if torch.are_deterministic_algorithms_enabled():
+        _alert_not_deterministic()
     pl = make_plan(q, k, v, causal=causal, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
                    kmeans_iters=kmeans_iters, block_size=block_size, key_padding_mask=key_padding_mask)
     if TUNE:
@@ -94,6 +96,19 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
     if direct or "cast" not in _phases:
         return acc, lse
     return acc.to(q.dtype), lse
+
+
+def _alert_not_deterministic() -> None:
+    """torch.use_deterministic_algorithms(True) is on: raise (or warn, with warn_only), as torch's own
+    nondeterministic CUDA ops do."""
+    msg = ("the Triton MuSe forward is not deterministic: the k-means sums are float atomics and tokens take "
+           "their places in a cluster in arrival order, so runs differ in rounding. Use impl='reference' or "
+           "torch.use_deterministic_algorithms(True, warn_only=True).")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        import warnings
+        warnings.warn(msg)
+    else:
+        raise RuntimeError(msg)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -143,8 +158,7 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     if pl.stages_stage:
         kw_s["num_stages"] = pl.stages_stage
     kw_s2 = dict(kw_s, num_warps=pl.warps_stage2 or pl.warps_stage)
-    # per-token atomic positions unless the caller asked torch for deterministic algorithms
-    pa = pl.pos_atomic and not torch.are_deterministic_algorithms_enabled()
+    pa = pl.pos_atomic
     tiles = functools.partial(_tiles, target=pl.kmeans_programs)
     fit_off, k_off, ps = 0, 0, lv.pair_stride
     rq, rk = kmeans_fit_stride(Lf, Cq), kmeans_fit_stride(Lk, Ck)

@@ -69,8 +69,8 @@ class KernelPlan:
     stages_kmeans: int = 0            # software-pipelining stages (0: Triton's default)
     stages_stage: int = 0
     jb_stage1: int = 1                # key clusters per stage-1 program (4 was slower than 1 on the H100)
-    pos_atomic: bool = True           # k-means positions by per-token atomics (run-to-run order inside a
-    #                                   cluster varies); False, or torch's deterministic mode: per-program ranks
+    pos_atomic: bool = True           # k-means positions by per-token atomics (order inside a cluster varies
+    #                                   between runs); False: per-program ranks by a cumulative sum (slower)
     kmeans_programs: int = 264        # k-means programs per pass to aim for (tiles per program follow)
     warps_stage2: int = 0             # 0: warps_stage
     warps_exact: int = 0              # 0: warps

@@ -15,10 +15,11 @@ from typing import List
 __all__ = ["Level", "causal_schedule", "EXACT_LEVEL_FACTOR"]
 
 # A level runs exact attention while its segment is shorter than this many times the cluster count.
-# 32 (was 4): a MuSe level of P pairs writes and reads P·C²·(2D+Dv) fp32 summaries, which costs more than
-# exact attention over the pair (S²·D flops) until S is about 30·C (H100 estimate, measured on the Triton path:
-# with 4, a 16k causal forward at C=64 spent 11 ms in stage 1 of its S=256..1024 levels).
-EXACT_LEVEL_FACTOR = 32
+# A MuSe level of P pairs makes P·C² summaries; its fixed per-cluster costs (centroids, directions, summary
+# writes) beat exact attention over the pair only once S is well above C. Measured on the H100 (Triton path,
+# bf16, causal 16k, C=64, 2026-11-22): factor 4 spent 11 ms in stage 1 of the S=256..1024 levels; factor 32
+# (exact up to S=1024, MuSe from 2048) took 2.82 ms from a CUDA graph; factor 64 (MuSe from 4096) 2.05 ms.
+EXACT_LEVEL_FACTOR = 64
 
 
 @dataclasses.dataclass(frozen=True)

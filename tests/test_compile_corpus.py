@@ -178,7 +178,7 @@ def test_causal_approximation_active_through_compile():
     """A causal size where the schedule has a MuSe level: compiled output = functional op != exact."""
     e = Entry("sdpa_causal_long", lambda: sdpa_causal, causal=True)
     pol = mc.Policy(min_context=4, clusters=1, block_size=2)
-    n = 64
+    n = 128          # S = 64 = EXACT_LEVEL_FACTOR · C is the first MuSe level
     assert _approx_active(e, n, pol)
     args, _ = make_inputs(e, n=n, m=n)
     om = mc.optimize(sdpa_causal, backend="aot_eager")

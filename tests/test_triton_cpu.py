@@ -12,6 +12,17 @@ from muse_compile.kernels import triton_muse as T  # noqa: E402
 from muse_compile.lowering import plan as PL  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _muse_levels_at_tiny_sizes(monkeypatch):
+    """Causal levels run MuSe from S = 4·C on (the default needs S >= 64·C, beyond the interpreter's tiny
+    shapes), so the causal cases here exercise the level kernels; kernels and reference share the schedule."""
+    from muse_compile.lowering import schedule
+    monkeypatch.setattr(schedule, "EXACT_LEVEL_FACTOR", 4)
+    PL._plan.cache_clear()
+    yield
+    PL._plan.cache_clear()
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
@@ -134,19 +145,32 @@ def test_native_16bit_path_matches_reference(causal, dipole):
         T.TUNE.clear()
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_kmeans_position_modes(deterministic):
-    """Both ways of placing tokens in the counting sort (per-token atomics; per-program ranks, which torch's
-    deterministic mode selects) give the reference's result, acausal and causal (answer sets), with a mask."""
+@pytest.mark.parametrize("pos_atomic", [False, True])
+def test_kmeans_position_modes(pos_atomic):
+    """Both ways of placing tokens in the counting sort (per-token atomics; per-program ranks) give the
+    reference's result, acausal and causal (answer sets), with a mask."""
     q, k, v = _data(2, 2, 1, 300, 300, 16, 16, torch.float32, seed=11)
     kpm = torch.rand(2, 300, generator=torch.Generator().manual_seed(2)) > 0.2
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
+    T.TUNE["pos_atomic"] = pos_atomic
     try:
         for causal in (False, True):
             _check(q, k, v, clusters=4, causal=causal, block_size=32, key_padding_mask=kpm)
     finally:
-        torch.use_deterministic_algorithms(prev)
+        T.TUNE.clear()
+
+
+def test_deterministic_mode_is_refused():
+    q, k, v = _data(1, 2, 1, 64, 64, 16, 16, torch.float32, seed=12)
+    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            T.muse_attention(q, k, v, clusters=4)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="not deterministic"):
+            T.muse_attention(q, k, v, clusters=4)
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
 def test_causal_chunks_not_aligned_to_tiles():

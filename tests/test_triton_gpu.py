@@ -109,19 +109,28 @@ def test_degenerate_no_nan():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_graph_and_side_streams(causal):
-    """The key side and the exact part run on side streams joined back to the caller's stream: the result is
-    the same from a non-default stream and replayed from a CUDA graph (the streams fork and join inside the
-    capture), and a graph replay after new inputs are copied in gives the new inputs' result."""
+    """The key side and the exact part run on side streams joined back to the caller's stream: called from a
+    non-default stream and replayed from a CUDA graph (the streams fork and join inside the capture) the op
+    still matches the reference, and a replay after new inputs are copied in gives the new inputs' result.
+    (Runs differ in rounding only: float atomics in the k-means sums and positions.)"""
+    from muse_compile.kernels import reference as R
     from muse_compile.kernels import triton_muse as T
-    q, k, v = _inputs(2, 4, 2, N0, 64, 64, torch.bfloat16, seed=7)
+    q, k, v = _inputs(2, 4, 2, N0, 64, 64, torch.bfloat16, seed=1)
     kw = _kw(causal, _mask())
-    ref, ref_lse = T.muse_attention(q, k, v, **kw)
+
+    def check(o, lse, q, k, v):
+        o0, l0 = R.muse_attention(q.float(), k.float(), v.float(), **kw)
+        fin = torch.isfinite(l0)
+        assert torch.equal(fin, torch.isfinite(lse))
+        return _rel(o.float(), o0), _rel(lse[fin], l0[fin])
+
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         o, lse = T.muse_attention(q, k, v, **kw)
     torch.cuda.current_stream().wait_stream(s)
-    assert _rel(o, ref) < 2e-3 and _rel(lse, ref_lse) < 1e-4   # the order inside a cluster may differ
+    eo, el = check(o, lse, q, k, v)
+    assert eo <= 1e-2 and el <= 1e-2, (eo, el)
     sq, sk, sv = q.clone(), k.clone(), v.clone()
     with torch.cuda.stream(s):             # warm-up outside the capture (compiles, allocates)
         T.muse_attention(sq, sk, sv, **kw)
@@ -131,10 +140,12 @@ def test_cuda_graph_and_side_streams(causal):
         go, glse = T.muse_attention(sq, sk, sv, **kw)
     g.replay()
     torch.cuda.synchronize()
-    assert _rel(go, ref) < 2e-3 and _rel(glse, ref_lse) < 1e-4
+    eo, el = check(go, glse, q, k, v)
+    assert eo <= 1e-2 and el <= 1e-2, (eo, el)
     q2, k2, v2 = _inputs(2, 4, 2, N0, 64, 64, torch.bfloat16, seed=8)
     sq.copy_(q2), sk.copy_(k2), sv.copy_(v2)
     g.replay()
     torch.cuda.synchronize()
-    ref2, _ = T.muse_attention(q2, k2, v2, **kw)
-    assert _rel(go, ref2) < 2e-3 and _rel(go, ref) > 0.1
+    eo, el = check(go, glse, q2, k2, v2)
+    assert eo <= 1e-2 and el <= 1e-2, (eo, el)
+    assert _rel(go.float(), o.float()) > 0.1
