@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 __all__ = [
-    "compile_fx", "register_backend", "aot_eager", "CustomGraphPass", "hash_files", "size_hint",
+    "compile_fx", "inductor_config", "register_backend", "aot_eager", "CustomGraphPass", "hash_files", "size_hint",
     "is_symbolic", "placeholder_example", "placeholder_is_param_or_buffer", "fastpath_disabled",
 ]
 
@@ -22,9 +22,20 @@ __all__ = [
 # ----------------------------------------------------------------------------------- backends
 
 
-def compile_fx(gm: torch.fx.GraphModule, example_inputs) -> Callable:
-    """Hand a (rewritten) Dynamo graph to Inductor."""
+def inductor_config(mode: Optional[str] = None, options: Optional[dict] = None, dynamic=None) -> dict:
+    """Inductor config patches of ``torch.compile``'s ``mode`` and ``options`` (what torch's own Inductor
+    wrapper applies; e.g. ``mode="reduce-overhead"`` turns on CUDA graphs)."""
+    from torch._inductor import list_mode_options
+    cfg = dict(list_mode_options(mode, dynamic)) if mode not in (None, "default") else {}
+    cfg.update(options or {})
+    return cfg
+
+
+def compile_fx(gm: torch.fx.GraphModule, example_inputs, config_patches: Optional[dict] = None) -> Callable:
+    """Hand a (rewritten) Dynamo graph to Inductor, with optional config patches (``inductor_config``)."""
     from torch._inductor.compile_fx import compile_fx as _cfx
+    if config_patches:
+        return _cfx(gm, example_inputs, config_patches=config_patches)
     return _cfx(gm, example_inputs)
 
 

@@ -54,19 +54,36 @@ def _readable(gm: torch.fx.GraphModule) -> str:
 
 
 class MuseBackend:
-    """A Dynamo backend: rewrite attention under ``policy``, then compile with ``inner``."""
+    """A Dynamo backend: rewrite attention under ``policy``, then compile with ``inner``.
 
-    def __init__(self, policy: Policy, inner: Union[str, Callable] = "inductor"):
+    ``mode`` / ``options`` are ``torch.compile``'s (e.g. ``mode="reduce-overhead"`` for CUDA graphs); they
+    configure Inductor, so they need ``inner="inductor"``. ``torch.compile(m, backend=MuseBackend(p), mode=...)``
+    hands them to the call instead, with the same effect."""
+
+    def __init__(self, policy: Policy, inner: Union[str, Callable] = "inductor", *, mode: Optional[str] = None,
+                 options: Optional[dict] = None, dynamic: Optional[bool] = None):
         self.policy = policy
+        self.inner_name = inner if isinstance(inner, str) else getattr(inner, "__name__", "callable")
         if isinstance(inner, str):
             if inner not in _INNER:
                 raise ValueError(f"inner backend must be one of {sorted(_INNER)} or a callable, got {inner!r}")
             inner = _INNER[inner]
         self.inner = inner
+        self.config = self._config(mode, options, dynamic)
         self.records: List[GraphRecord] = []
         self.pass_seconds = 0.0   # time spent in matching + rewriting + recording (not the inner compiler)
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+    def _config(self, mode, options, dynamic) -> dict:
+        if (mode not in (None, "default") or options) and self.inner is not _INNER["inductor"]:
+            raise ValueError(f"mode={mode!r} / options configure Inductor; the inner backend here is "
+                             f"{self.inner_name!r}")
+        return _compat.inductor_config(mode, options, dynamic)
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None,
+                 options: Optional[dict] = None):
+        config = dict(self.config)
+        if mode is not None or options:
+            config.update(self._config(mode, options, None))
         t0 = time.perf_counter()
         before = _readable(gm)
         sites = rewrite_graph(gm, self.policy)
@@ -74,6 +91,8 @@ class MuseBackend:
         self.records.append(GraphRecord(sites, before, after))
         self.pass_seconds += time.perf_counter() - t0
         _compat.trace_artifact("muse_rewrite", lambda: after)
+        if self.inner is _INNER["inductor"]:
+            return _compat.compile_fx(gm, example_inputs, config_patches=config or None)
         return self.inner(gm, example_inputs)
 
 
@@ -142,8 +161,11 @@ def _fresh_entry_fn() -> Callable:
 class _Entry:
     def __init__(self, policy: Policy, inner, compile_kwargs):
         self.policy = policy
-        self.backend = MuseBackend(policy, inner)
-        self.fn = torch.compile(_fresh_entry_fn(), backend=self.backend, **compile_kwargs)
+        kw = dict(compile_kwargs)
+        # mode / options configure Inductor, which runs inside our backend: they go to the backend
+        self.backend = MuseBackend(policy, inner, mode=kw.pop("mode", None), options=kw.pop("options", None),
+                                   dynamic=kw.get("dynamic"))
+        self.fn = torch.compile(_fresh_entry_fn(), backend=self.backend, **kw)
 
 
 class _FnModule(nn.Module):
@@ -164,6 +186,9 @@ class MuseModule(nn.Module):
         object.__setattr__(self, "_pinned", policy)
         kw = dict(compile_kwargs)
         inner = kw.pop("backend", "inductor")
+        if (kw.get("mode") not in (None, "default") or kw.get("options")) and inner != "inductor":
+            raise ValueError(f"mode={kw.get('mode')!r} / options configure Inductor; they need "
+                             f"backend='inductor', not {inner!r}")
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_compile_kwargs", kw)
         object.__setattr__(self, "_entries", collections.OrderedDict())

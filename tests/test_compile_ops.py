@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import muse_compile as mc
 from muse_compile import dispatch, ops
+from muse_compile.compiler import MuseBackend
 from muse_compile.kernels import reference
 
 LIMIT = mc.Policy(min_context=4, clusters=64)
@@ -189,3 +190,23 @@ def test_optimize_keeps_identity():
     assert om.h == 4                                      # attribute passthrough
     with pytest.raises(ValueError):
         mc.optimize(model, policy={"min_context": 1})
+
+
+def test_optimize_passes_mode_and_options_to_inductor():
+    """``mode`` / ``options`` of torch.compile reach Inductor (which runs inside the muse backend), and the
+    rewrite still happens; with another inner backend they are refused up front."""
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    q, k, v = _qkv(H=2, Hkv=2, N=12, M=12, dtype=torch.float32)
+    om = mc.optimize(f, policy=LIMIT, mode="reduce-overhead", options={"fx_graph_cache": False})
+    assert torch.allclose(om(q, k, v), f(q, k, v), atol=1e-5)
+    (entry,) = om._entries.values()
+    assert entry.backend.config == {"triton.cudagraphs": True, "fx_graph_cache": False}
+    assert entry.backend.records[0].sites[0].decision == "rewritten"
+    torch._dynamo.reset()
+    be = MuseBackend(LIMIT)
+    g = torch.compile(f, backend=be, mode="max-autotune-no-cudagraphs")   # kwargs handed to the call
+    assert torch.allclose(g(q, k, v), f(q, k, v), atol=1e-5) and be.records
+    with pytest.raises(ValueError, match="configure Inductor"):
+        mc.optimize(f, policy=LIMIT, mode="reduce-overhead", backend="aot_eager")
