@@ -64,7 +64,7 @@ def main():
     P = dict(GS="i32", P="i32", LEN_TOT="i32", OFF="i32", PSTRIDE="i32", L="i32", HKV="i32", TSTRIDE="i32",
              NPROG="i32", scale_x="fp32", scale_q="fp32", G="i32", M_TOT="i32", K_OFF="i32", K_PSTRIDE="i32",
              LK="i32", N_TOT="i32", Q_OFF="i32", Q_PSTRIDE="i32", LF="i32", NSAMP="i32", A_OFF="i32",
-             A_PSTRIDE="i32", LA="i32", N="i32", E="i32", TPP="i32")
+             A_PSTRIDE="i32", LA="i32", N="i32", E="i32", TPP="i32", KS="i32")
 
     def types(**over):
         t = dict(P)
@@ -73,14 +73,16 @@ def main():
 
     jobs = {
         "kmeans_pass(fit)": (mod.kmeans_pass, types(X=X), dict(C=C, BC=C, BN=a.bnk, TILES=4, MODE=1, INIT_IDX=False,
-                                                               HAS_VALID=False, SUMS=True, FINAL=False)),
+                                                               HAS_VALID=False, SUMS=True, FINAL=False,
+                                                               POS_ATOMIC=True)),
         "kmeans_pass(final q)": (mod.kmeans_pass, types(X=X), dict(C=C, BC=C, BN=a.bnk, TILES=4, MODE=1,
                                                                    INIT_IDX=False, HAS_VALID=False, SUMS=True,
-                                                                   FINAL=True)),
+                                                                   FINAL=True, POS_ATOMIC=True)),
         "centroid_dir": (mod.centroid_dir, types(X=X), dict(C=C, BC=C, BN=64, POWER_ITERS=6)),
         "stage1": (mod.stage1, types(K=X, V=X, Q=X, kt_out=S, vt_out=S, g_out=S),
-                   dict(CQ=C, CK=C, BCK=C, BA=a.ba, BN=a.bn1, NAB=(C + a.ba - 1) // a.ba, BS=32)),
-        "guard": (mod.guard, types(Q=X, kt=S, vt=S, gsum=S), dict(CQ=C, CK=C, BCK=C)),
+                   dict(CQ=C, CK=C, BCK=C, BA=a.ba, BN=a.bn1, JB=1)),
+        "guard_exact": (mod.guard_exact, types(Q=X, K=X, V=X, valid_ptr="*u8"), dict(BS=64, BN=64, HAS_VALID=False)),
+        "guard": (mod.guard, types(Q=X, kt=S, vt=S, gsum=S), dict(CQ=C, CK=C, BCK=C, BKS=8)),
         "stage2": (mod.stage2, types(Q=X, kt=S, vt=S, gsum=S, out=X),
                    dict(CQ=C, CK=C, BCQ=C, BCK=C, BM=a.bm2, MERGE=False)),
         "exact_causal": (mod.exact_causal, types(Q=X, K=X, V=X, out=X, valid_ptr="*u8"),

@@ -505,6 +505,41 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
 
 
 @triton.jit
+def _exact_causal_block(qv, K, V, valid_ptr, krow0, vrow0, kb, N, offs_m, kstart_row, qk_scale, m, l, acc,
+                        BN: tl.constexpr, MASKED: tl.constexpr, HAS_VALID: tl.constexpr):
+    """One key block of ``exact_causal``: online-softmax update (base 2) of (m, l, acc). MASKED: the block
+    holds the diagonal or a chunk start, so the causal/chunk mask is applied; otherwise every key is seen."""
+    offs_n = kb + tl.arange(0, BN)
+    offs_d = tl.arange(0, $BD)
+    offs_v = tl.arange(0, $BDV)
+    nmask = offs_n < N
+    kmask = (offs_d < $D)[None, :]
+    vmask = (offs_v < $DV)[None, :]
+    if MASKED:      # unmasked blocks end before the tile's first query, so all their keys exist
+        kmask = kmask & nmask[:, None]
+        vmask = vmask & nmask[:, None]
+    kc = tl.load(K + (krow0 + offs_n)[:, None] * $D + offs_d[None, :], mask=kmask, other=0.0)
+    vc = tl.load(V + (krow0 + offs_n)[:, None] * $DV + offs_v[None, :], mask=vmask, other=0.0)
+    sc = tl.dot(qv, tl.trans(kc), input_precision="$PREC").to(tl.float32) * qk_scale
+    if MASKED:
+        ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= kstart_row[:, None]) & nmask[None, :]
+        if HAS_VALID:
+            vv = tl.load(valid_ptr + vrow0 + offs_n, mask=nmask, other=0)
+            ok = ok & (vv != 0)[None, :]
+        sc = tl.where(ok, sc, float("-inf"))
+    elif HAS_VALID:
+        vv = tl.load(valid_ptr + vrow0 + offs_n)
+        sc = tl.where((vv != 0)[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m, tl.max(sc, 1))
+    m0 = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m0)
+    w = tl.exp2(sc - m0[:, None])
+    l = l * alpha + tl.sum(w, 1)
+    acc = acc * alpha[:, None] + tl.dot(w.to(vc.dtype), vc, input_precision="$PREC")
+    return m_new, l, acc
+
+
+@triton.jit
 def exact_causal(Q, K, V, scale_q, valid_ptr, out, lse_out, G, HKV, N, E,
                  BM: tl.constexpr, BN: tl.constexpr, HAS_VALID: tl.constexpr):
     """Exact causal attention inside aligned chunks of E tokens (the local blocks plus the exact levels of
@@ -534,41 +569,13 @@ def exact_causal(Q, K, V, scale_q, valid_ptr, out, lse_out, G, HKV, N, E,
     l = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, $BDV], dtype=tl.float32)
     krow0 = z.to(tl.int64) * N
+    vrow0 = b.to(tl.int64) * N
     for kb in range(lo, full_hi, BN):
-        offs_n = kb + tl.arange(0, BN)
-        kc = tl.load(K + (krow0 + offs_n)[:, None] * $D + offs_d[None, :], mask=dmask[None, :], other=0.0)
-        vc = tl.load(V + (krow0 + offs_n)[:, None] * $DV + offs_v[None, :], mask=vmask[None, :], other=0.0)
-        sc = tl.dot(qv, tl.trans(kc), input_precision="$PREC").to(tl.float32) * qk_scale
-        if HAS_VALID:
-            vv = tl.load(valid_ptr + b.to(tl.int64) * N + offs_n)
-            sc = tl.where((vv != 0)[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, 1))
-        m0 = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m0)
-        w = tl.exp2(sc - m0[:, None])
-        l = l * alpha + tl.sum(w, 1)
-        acc = acc * alpha[:, None] + tl.dot(w.to(vc.dtype), vc, input_precision="$PREC")
-        m = m_new
+        m, l, acc = _exact_causal_block(qv, K, V, valid_ptr, krow0, vrow0, kb, N, offs_m, kstart_row, qk_scale,
+                                        m, l, acc, BN, False, HAS_VALID)
     for kb in range(full_hi, hi, BN):
-        offs_n = kb + tl.arange(0, BN)
-        nmask = offs_n < N
-        kc = tl.load(K + (krow0 + offs_n)[:, None] * $D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
-                     other=0.0)
-        vc = tl.load(V + (krow0 + offs_n)[:, None] * $DV + offs_v[None, :], mask=nmask[:, None] & vmask[None, :],
-                     other=0.0)
-        sc = tl.dot(qv, tl.trans(kc), input_precision="$PREC").to(tl.float32) * qk_scale
-        ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= kstart_row[:, None]) & nmask[None, :]
-        if HAS_VALID:
-            vv = tl.load(valid_ptr + b.to(tl.int64) * N + offs_n, mask=nmask, other=0)
-            ok = ok & (vv != 0)[None, :]
-        sc = tl.where(ok, sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, 1))
-        m0 = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m0)
-        w = tl.exp2(sc - m0[:, None])
-        l = l * alpha + tl.sum(w, 1)
-        acc = acc * alpha[:, None] + tl.dot(w.to(vc.dtype), vc, input_precision="$PREC")
-        m = m_new
+        m, l, acc = _exact_causal_block(qv, K, V, valid_ptr, krow0, vrow0, kb, N, offs_m, kstart_row, qk_scale,
+                                        m, l, acc, BN, True, HAS_VALID)
     ne = l > 0
     inv = tl.where(ne, 1.0 / tl.where(ne, l, 1.0), 0.0)
     m0 = tl.where(m == float("-inf"), 0.0, m)
