@@ -349,3 +349,61 @@ def _pow2(n: int, lo: int = 16) -> int:
     while p < n:
         p *= 2
     return p
+
+
+def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, scale, query_clusters,
+                    dlse=None):
+    """Gradients through stage 2 (summary attention + dipole) with the Triton kernel ``stage2_bwd``: the
+    first piece of the Triton backward (stage 1, the centroids and the causal levels are still to come; the
+    op's backward recomputes through the reference meanwhile).
+
+    Args:
+        q: ``[B, H, N, D]`` unscaled queries; dout: ``[B, H, N, Dv]`` upstream gradient of the output;
+            dlse: optional ``[B, H, N]`` upstream gradient of the stage's log-sum-exp.
+        q_assign: ``[Z, G, N]`` query cluster in ``[0, query_clusters)`` (Z = B·Hkv, G = H / Hkv).
+        kt, vt, beta, g, sigma: the summaries ``[Z, A, Ck, ·]`` (A = G·query_clusters), g/sigma None for the
+            monopole; qbar, u: ``[Z, A, D]`` scaled tilt points and directions; lam: ``[Z, G]`` dipole scales.
+
+    Returns:
+        ``(dq [B, H, N, D], (dkt, dvt, dbeta, dg, dsigma), dqbar [Z, A, D])``, float32; dg, dsigma None for the
+        monopole. λ, u and the assignments are constants, as in the reference.
+    """
+    B, H, N, D = q.shape
+    Z, G = q_assign.shape[:2]
+    Cq = int(query_clusters)
+    A, Ck, Dv = kt.shape[1], kt.shape[2], vt.shape[-1]
+    dipole = g is not None
+    pl = plan(batch=B, heads=H, kv_heads=H // G, n=N, m=N, head_dim=D, value_dim=Dv, dtype=q.dtype, causal=False,
+              clusters=Ck, query_clusters=Cq, dipole=dipole)
+    mod = module_for(pl)
+    BD, BDV = pl.spec.bd, pl.spec.bdv
+    dev, f32 = q.device, torch.float32
+
+    def pad(t, width):      # [..., w] -> contiguous float32 [..., width] rows (the kernels' summary layout)
+        out = torch.zeros(*t.shape[:-1], width, device=dev, dtype=f32)
+        out[..., :t.shape[-1]] = t
+        return out
+
+    NS = Z * G
+    a = q_assign.reshape(NS, N).to(torch.int64)
+    perm = torch.argsort(a, dim=1, stable=True).to(torch.int32).contiguous()
+    cnt = torch.zeros(NS, Cq, device=dev, dtype=torch.int64).scatter_add_(1, a, torch.ones_like(a))
+    cnt = cnt.to(torch.int32).contiguous()
+    lam2 = torch.stack([lam.reshape(NS).to(f32), torch.ones(NS, device=dev, dtype=f32)], 1).contiguous()
+    ktp, vtp = pad(kt, BD), pad(vt, BDV)
+    gp = pad(g, BDV) if dipole else vtp
+    sg = sigma.to(f32).contiguous() if dipole else beta.to(f32).contiguous()
+    qb, uu = pad(qbar, BD), (pad(u, BD) if dipole else pad(qbar, BD))
+    dq = torch.zeros(B, H, N, D, device=dev, dtype=f32)
+    dkt, dvt = torch.zeros_like(ktp), torch.zeros_like(vtp)
+    dbeta = torch.zeros(Z, A, Ck, device=dev, dtype=f32)
+    dg = torch.zeros_like(vtp) if dipole else dvt
+    dsig = torch.zeros(Z, A, Ck, device=dev, dtype=f32) if dipole else dbeta
+    dqb = torch.zeros(Z, A, BD, device=dev, dtype=f32)
+    mod.stage2_bwd[(NS, Cq)](
+        q.contiguous(), float(scale), perm, cnt, ktp, vtp, beta.to(f32).contiguous(), gp, sg, qb, uu, lam2,
+        dout.contiguous(), dlse.contiguous() if dlse is not None else dq, dq, dkt, dvt, dbeta, dg, dsig, dqb,
+        G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2, HAS_DLSE=dlse is not None,
+        num_warps=pl.warps_stage)
+    grads = (dkt[..., :D], dvt[..., :Dv], dbeta, dg[..., :Dv] if dipole else None, dsig if dipole else None)
+    return dq, grads, dqb[..., :D]

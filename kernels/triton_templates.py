@@ -4,7 +4,8 @@ The template is specialised per kernel spec by ``string.Template`` substitution 
 
 ``$D`` / ``$DV`` (head dim / value dim), ``$BD`` / ``$BDV`` (their power-of-two paddings, >= 16), ``$PREC``
 (``tl.dot`` input precision: "ieee" in the CPU interpreter, "tf32x3" for float32 inputs on the GPU, "tf32"
-for 16-bit inputs on the GPU; fp32 accumulation always), ``$DIPOLE`` (True/False), ``$NATIVE`` / ``$CDT`` (16-bit inputs on the GPU: dot operands stay in the
+for 16-bit inputs on the GPU; fp32 accumulation always), ``$PREC32`` (float32-accurate products of float32
+operands, for the backward: "ieee" in the interpreter, "tf32x3" on the GPU), ``$DIPOLE`` (True/False), ``$NATIVE`` / ``$CDT`` (16-bit inputs on the GPU: dot operands stay in the
 input dtype ``$CDT``, flash-style, with fp32 accumulation; centroids, tilt points, dipole directions and the
 k̃/ṽ/g summaries are rounded to ``$CDT`` once, where they are made, and every consumer uses the rounded values,
 so the rounding only moves the tilt points and never makes the kernels disagree with each other), ``$U0`` (the first power-iteration vector
@@ -502,6 +503,115 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
                 o = o * tl.where(tot > 0, 1.0 / tl.where(tot > 0, tot, 1.0), 0.0)[:, None]
             tl.store(optr, o.to(out.dtype.element_ty), mask=om)
             tl.store(lse_out + rows, ls, mask=msk)
+
+
+@triton.jit
+def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dout, dlse,
+               dq_out, dkt_out, dvt_out, dbeta_out, dg_out, dsig_out, dqbar_out,
+               G, P, N_TOT, A_OFF, A_PSTRIDE, LA,
+               CQ: tl.constexpr, CK: tl.constexpr, BCQ: tl.constexpr, BCK: tl.constexpr, BM: tl.constexpr,
+               HAS_DLSE: tl.constexpr):
+    """Backward of ``stage2`` for one (query set, query cluster a): the scores and weights are recomputed from
+    the summaries (all CK of them in one tile), so neither the output nor the log-sum-exp is needed.
+
+    With ℓ_j = q·k̃_j + β_j, p = softmax(ℓ), t = (q − q̄)·u, c_j = clamp(t, ±T/σ_j) and
+    o = Σ_j p_j (ṽ_j + λ c_j g_j), for an upstream gradient δ = dO (and dL of the log-sum-exp when HAS_DLSE):
+    dp_j = δ·ṽ_j + λ c_j δ·g_j, dℓ_j = p_j (dp_j − Σ_k p_k dp_k + dL), dṽ_j = Σ p_j δ, dg_j = Σ λ p_j c_j δ,
+    dk̃_j = Σ dℓ_j q, dβ_j = Σ dℓ_j, dq = Σ_j dℓ_j k̃_j + dt·u with dt = Σ_j λ p_j (δ·g_j) [|t| < T/σ_j],
+    dq̄ = −Σ dt·u, and the trust bound's share reaches σ_j. λ and u are constants (as in the reference).
+    Writes dq (for the unscaled queries: scale·dq) at the queries' rows, the per-summary gradients at the
+    summaries' rows (float32) and dq̄ per cluster. Assumes every query row and summary row belongs to one
+    program (acausal layout: P = 1, or disjoint causal answer sets)."""
+    s = tl.program_id(0)
+    a = tl.program_id(1)
+    zp = s // G
+    gq = s % G
+    z = zp // P
+    p = zp % P
+    start_tok = A_OFF + p * A_PSTRIDE
+    row0 = (z * G + gq).to(tl.int64) * N_TOT + start_tok
+    offs_c = tl.arange(0, BCQ)
+    cn = tl.load(cnt + s.to(tl.int64) * CQ + offs_c, mask=offs_c < CQ, other=0)
+    n_a = tl.sum(tl.where(offs_c == a, cn, 0), 0)
+    start = tl.sum(tl.where(offs_c < a, cn, 0), 0)
+    offs_d = tl.arange(0, $BD)
+    dmask = offs_d < $D
+    offs_v = tl.arange(0, $BDV)
+    vmask = offs_v < $DV
+    offs_k = tl.arange(0, BCK)
+    kmask = offs_k < CK
+    A = G * CQ
+    arow = zp.to(tl.int64) * A + gq * CQ + a
+    srow = arow * CK + offs_k
+    ktl = tl.load(kt + srow[:, None] * $BD + offs_d[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+    vtl = tl.load(vt + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+    bt = tl.load(beta + srow, mask=kmask, other=float("-inf"))
+    dkt = tl.zeros([BCK, $BD], dtype=tl.float32)
+    dvt = tl.zeros([BCK, $BDV], dtype=tl.float32)
+    dbt = tl.zeros([BCK], dtype=tl.float32)
+    if $DIPOLE:
+        gl = tl.load(gsum + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+        qb = tl.load(qbar + arow * $BD + offs_d)
+        uu = tl.load(u + arow * $BD + offs_d)
+        num = tl.load(lam + 2 * s)
+        den = tl.load(lam + 2 * s + 1)
+        lm = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+        lm = tl.minimum(tl.maximum(lm, 0.0), 1.0)
+        sg = tl.load(sig + srow, mask=kmask, other=1.0)
+        sgc = tl.maximum(sg, 1e-30)
+        bnd = $TRUST / sgc
+        dgl = tl.zeros([BCK, $BDV], dtype=tl.float32)
+        dbnd = tl.zeros([BCK], dtype=tl.float32)
+        dt_sum = tl.sum(tl.zeros([BM], dtype=tl.float32), 0)
+    for t in range(0, n_a, BM):
+        offs = t + tl.arange(0, BM)
+        msk = offs < n_a
+        idx = tl.load(perm + s.to(tl.int64) * LA + start + offs, mask=msk, other=0)
+        rows = row0 + idx
+        qv = tl.load(Q + rows[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32) * scale_q
+        do = tl.load(dout + rows[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
+                     other=0.0).to(tl.float32)
+        sc = tl.dot(qv, tl.trans(ktl), input_precision="$PREC32") + bt[None, :]
+        mr = tl.max(sc, 1)
+        fin = mr > float("-inf")
+        mr0 = tl.where(fin, mr, 0.0)
+        pr = tl.exp(sc - mr0[:, None])
+        l = tl.sum(pr, 1)
+        pr = pr * tl.where(l > 0, 1.0 / tl.where(l > 0, l, 1.0), 0.0)[:, None]
+        pr = tl.where(msk[:, None], pr, 0.0)
+        dp = tl.dot(do, tl.trans(vtl), input_precision="$PREC32")
+        if $DIPOLE:
+            tt = tl.sum((qv - qb[None, :]) * uu[None, :], 1)
+            cl = tl.minimum(tl.maximum(tt[:, None], -bnd[None, :]), bnd[None, :])
+            dgs = tl.dot(do, tl.trans(gl), input_precision="$PREC32")        # δ·g_j
+            dp += lm * cl * dgs
+            e = lm * pr * dgs
+            inside = (tt[:, None] < bnd[None, :]) & (tt[:, None] > -bnd[None, :])
+            dtt = tl.sum(tl.where(inside, e, 0.0), 1)
+            sgn = tl.where(tt[:, None] > 0, 1.0, -1.0)
+            dbnd += tl.sum(tl.where(inside, 0.0, e * sgn), 0)
+            dgl += tl.dot(tl.trans(lm * pr * cl), do, input_precision="$PREC32")
+            dt_sum += tl.sum(dtt, 0)
+        dl = pr * (dp - tl.sum(pr * dp, 1)[:, None])
+        if HAS_DLSE:
+            dls = tl.load(dlse + rows, mask=msk, other=0.0)
+            dl += pr * dls[:, None]
+        dvt += tl.dot(tl.trans(pr), do, input_precision="$PREC32")
+        dkt += tl.dot(tl.trans(dl), qv, input_precision="$PREC32")
+        dbt += tl.sum(dl, 0)
+        dq = tl.dot(dl, ktl, input_precision="$PREC32")
+        if $DIPOLE:
+            dq += dtt[:, None] * uu[None, :]
+        tl.store(dq_out + rows[:, None] * $D + offs_d[None, :], dq * scale_q, mask=msk[:, None] & dmask[None, :])
+    tl.store(dkt_out + srow[:, None] * $BD + offs_d[None, :], dkt, mask=kmask[:, None])
+    tl.store(dvt_out + srow[:, None] * $BDV + offs_v[None, :], dvt, mask=kmask[:, None])
+    tl.store(dbeta_out + srow, dbt, mask=kmask)
+    if $DIPOLE:
+        tl.store(dg_out + srow[:, None] * $BDV + offs_v[None, :], dgl, mask=kmask[:, None])
+        # bound b = T / max(σ, 1e-30): db/dσ = −b/σ above the floor, 0 below it
+        tl.store(dsig_out + srow, tl.where(sg > 1e-30, -dbnd * bnd / sgc, 0.0), mask=kmask)
+        tl.store(dqbar_out + arow * $BD + offs_d, -dt_sum * uu)
 
 
 @triton.jit

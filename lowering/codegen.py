@@ -68,6 +68,7 @@ def render(spec: KernelSpec) -> str:
         u0 = f"tl.where(dmask, 1.0 + offs_d.to(tl.float32) / {d - 1}.0, 0.0)"
     return string.Template(TEMPLATE).substitute(
         SPEC=spec.key(), D=d, DV=spec.value_dim, BD=spec.bd, BDV=spec.bdv, PREC=spec.precision,
+        PREC32="ieee" if spec.precision == "ieee" else "tf32x3",
         DIPOLE="True" if spec.dipole else "False", U0=u0, NATIVE="True" if spec.native else "False",
         CDT=f"tl.{spec.dot_dtype}", TRUST=repr(float(DIPOLE_TRUST)))
 
