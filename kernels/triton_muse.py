@@ -365,8 +365,8 @@ def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, 
             monopole; qbar, u: ``[Z, A, D]`` scaled tilt points and directions; lam: ``[Z, G]`` dipole scales.
 
     Returns:
-        ``(dq [B, H, N, D], (dkt, dvt, dbeta, dg, dsigma), dqbar [Z, A, D])``, float32; dg, dsigma None for the
-        monopole. λ, u and the assignments are constants, as in the reference.
+        ``(dq [B, H, N, D], (dkt, dvt, dbeta, dg), dqbar [Z, A, D])``, float32; dg None for the monopole.
+        λ, u, σ and the assignments are constants, as in the reference.
     """
     B, H, N, D = q.shape
     Z, G = q_assign.shape[:2]
@@ -398,12 +398,11 @@ def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, 
     dkt, dvt = torch.zeros_like(ktp), torch.zeros_like(vtp)
     dbeta = torch.zeros(Z, A, Ck, device=dev, dtype=f32)
     dg = torch.zeros_like(vtp) if dipole else dvt
-    dsig = torch.zeros(Z, A, Ck, device=dev, dtype=f32) if dipole else dbeta
     dqb = torch.zeros(Z, A, BD, device=dev, dtype=f32)
     mod.stage2_bwd[(NS, Cq)](
         q.contiguous(), float(scale), perm, cnt, ktp, vtp, beta.to(f32).contiguous(), gp, sg, qb, uu, lam2,
-        dout.contiguous(), dlse.contiguous() if dlse is not None else dq, dq, dkt, dvt, dbeta, dg, dsig, dqb,
+        dout.contiguous(), dlse.contiguous() if dlse is not None else dq, dq, dkt, dvt, dbeta, dg, dqb,
         G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2, HAS_DLSE=dlse is not None,
         num_warps=pl.warps_stage)
-    grads = (dkt[..., :D], dvt[..., :Dv], dbeta, dg[..., :Dv] if dipole else None, dsig if dipole else None)
+    grads = (dkt[..., :D], dvt[..., :Dv], dbeta, dg[..., :Dv] if dipole else None)
     return dq, grads, dqb[..., :D]

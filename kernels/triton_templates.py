@@ -507,7 +507,7 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
 
 @triton.jit
 def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dout, dlse,
-               dq_out, dkt_out, dvt_out, dbeta_out, dg_out, dsig_out, dqbar_out,
+               dq_out, dkt_out, dvt_out, dbeta_out, dg_out, dqbar_out,
                G, P, N_TOT, A_OFF, A_PSTRIDE, LA,
                CQ: tl.constexpr, CK: tl.constexpr, BCQ: tl.constexpr, BCK: tl.constexpr, BM: tl.constexpr,
                HAS_DLSE: tl.constexpr):
@@ -518,7 +518,7 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
     o = Σ_j p_j (ṽ_j + λ c_j g_j), for an upstream gradient δ = dO (and dL of the log-sum-exp when HAS_DLSE):
     dp_j = δ·ṽ_j + λ c_j δ·g_j, dℓ_j = p_j (dp_j − Σ_k p_k dp_k + dL), dṽ_j = Σ p_j δ, dg_j = Σ λ p_j c_j δ,
     dk̃_j = Σ dℓ_j q, dβ_j = Σ dℓ_j, dq = Σ_j dℓ_j k̃_j + dt·u with dt = Σ_j λ p_j (δ·g_j) [|t| < T/σ_j],
-    dq̄ = −Σ dt·u, and the trust bound's share reaches σ_j. λ and u are constants (as in the reference).
+    dq̄ = −Σ dt·u. λ, u and σ (the trust bound) are constants, as in the reference.
     Writes dq (for the unscaled queries: scale·dq) at the queries' rows, the per-summary gradients at the
     summaries' rows (float32) and dq̄ per cluster. Assumes every query row and summary row belongs to one
     program (acausal layout: P = 1, or disjoint causal answer sets)."""
@@ -558,10 +558,8 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
         lm = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
         lm = tl.minimum(tl.maximum(lm, 0.0), 1.0)
         sg = tl.load(sig + srow, mask=kmask, other=1.0)
-        sgc = tl.maximum(sg, 1e-30)
-        bnd = $TRUST / sgc
+        bnd = $TRUST / tl.maximum(sg, 1e-30)
         dgl = tl.zeros([BCK, $BDV], dtype=tl.float32)
-        dbnd = tl.zeros([BCK], dtype=tl.float32)
         dt_sum = tl.sum(tl.zeros([BM], dtype=tl.float32), 0)
     for t in range(0, n_a, BM):
         offs = t + tl.arange(0, BM)
@@ -589,8 +587,6 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
             e = lm * pr * dgs
             inside = (tt[:, None] < bnd[None, :]) & (tt[:, None] > -bnd[None, :])
             dtt = tl.sum(tl.where(inside, e, 0.0), 1)
-            sgn = tl.where(tt[:, None] > 0, 1.0, -1.0)
-            dbnd += tl.sum(tl.where(inside, 0.0, e * sgn), 0)
             dgl += tl.dot(tl.trans(lm * pr * cl), do, input_precision="$PREC32")
             dt_sum += tl.sum(dtt, 0)
         dl = pr * (dp - tl.sum(pr * dp, 1)[:, None])
@@ -609,8 +605,6 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
     tl.store(dbeta_out + srow, dbt, mask=kmask)
     if $DIPOLE:
         tl.store(dg_out + srow[:, None] * $BDV + offs_v[None, :], dgl, mask=kmask[:, None])
-        # bound b = T / max(σ, 1e-30): db/dσ = −b/σ above the floor, 0 below it
-        tl.store(dsig_out + srow, tl.where(sg > 1e-30, -dbnd * bnd / sgc, 0.0), mask=kmask)
         tl.store(dqbar_out + arow * $BD + offs_d, -dt_sum * uu)
 
 
