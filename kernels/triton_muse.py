@@ -406,3 +406,50 @@ def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, 
         num_warps=pl.warps_stage)
     grads = (dkt[..., :D], dvt[..., :Dv], dbeta, dg[..., :Dv] if dipole else None)
     return dq, grads, dqb[..., :D]
+
+
+def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clusters):
+    """Gradients through stage 1 (the tilted summaries) with the Triton kernel ``stage1_bwd``.
+
+    Args:
+        k, v: ``[Z, M, D]``, ``[Z, M, Dv]`` keys and values (Z = B·Hkv); key_assign: ``[Z, M]`` key cluster in
+            ``[0, key_clusters]`` (``key_clusters`` = masked key); qbar, u: ``[Z, A, D]`` scaled tilt points and
+            dipole directions (u None for the monopole); dkt, dvt, dbeta, dg: upstream gradients of the
+            summaries ``[Z, A, Ck, ·]`` (as ``stage2_backward`` returns them; dg None for the monopole).
+
+    Returns:
+        ``(dk [Z, M, D], dv [Z, M, Dv], dqbar [Z, A, D])`` float32 (u and σ are constants, as in the reference).
+    """
+    Z, M, D = k.shape
+    Dv = v.shape[-1]
+    A = qbar.shape[1]
+    Ck = int(key_clusters)
+    dipole = u is not None
+    pl = plan(batch=Z, heads=1, kv_heads=1, n=M, m=M, head_dim=D, value_dim=Dv, dtype=k.dtype, causal=False,
+              clusters=Ck, query_clusters=A, dipole=dipole)
+    mod = module_for(pl)
+    BD, BDV = pl.spec.bd, pl.spec.bdv
+    dev, f32 = k.device, torch.float32
+
+    def pad(t, width):
+        out = torch.zeros(*t.shape[:-1], width, device=dev, dtype=f32)
+        out[..., :t.shape[-1]] = t
+        return out
+
+    ka = key_assign.to(torch.int64)
+    permk = torch.argsort(ka, dim=1, stable=True).to(torch.int32).contiguous()
+    cntk = torch.zeros(Z, Ck + 1, device=dev, dtype=torch.int64).scatter_add_(1, ka, torch.ones_like(ka))
+    cntk = cntk[:, :Ck].to(torch.int32).contiguous()
+    qb = pad(qbar, BD)
+    uu = pad(u, BD) if dipole else qb
+    dktp, dvtp = pad(dkt, BD), pad(dvt, BDV)
+    dgp = pad(dg, BDV) if dipole else dvtp
+    dk = torch.zeros(Z, M, D, device=dev, dtype=f32)
+    dv = torch.zeros(Z, M, Dv, device=dev, dtype=f32)
+    dqb = torch.zeros(Z, A, BD, device=dev, dtype=f32)
+    BA = pl.ba_stage1
+    mod.stage1_bwd[(Z, Ck, triton_cdiv(A, BA))](
+        k.contiguous(), v.contiguous(), qb, uu, permk, cntk, dktp, dvtp, dbeta.to(f32).contiguous(), dgp,
+        dk, dv, dqb, A, 1, M, 0, 0, M, CQ=1, CK=Ck, BCK=_pow2(Ck), BA=BA, BN=pl.bn_stage1,
+        num_warps=pl.warps_stage)
+    return dk, dv, dqb[..., :D]

@@ -609,6 +609,119 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
 
 
 @triton.jit
+def stage1_bwd(K, V, qbar, u, permk, cntk, dkt, dvt, dbeta, dg, dk_out, dv_out, dqbar_out,
+               G, P, M_TOT, K_OFF, K_PSTRIDE, LK,
+               CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr, BA: tl.constexpr, BN: tl.constexpr):
+    """Backward of ``stage1`` for one (problem, key cluster j, block of BA query centroids).
+
+    The summaries are tilted moments: with p_k ∝ exp(q̄·k) over the cluster's keys, k̃ = E_p[k], ṽ = E_p[v],
+    β = log Σ exp(q̄·k) − q̄·k̃, and with the dipole g = E_p[r v] − (u·k̃) ṽ (r = u·k). Given dk̃, dṽ, dβ, dg:
+    the moments' adjoints are dM_k = dk̃ − dβ q̄ − (dg·ṽ) u, dM_v = dṽ − (u·k̃) dg, dM_rv = dg; with the
+    per-key adjoint φ_k = dM_k·k + dM_v·v + r_k dM_rv·v and Φ̄ = E_p[φ]:
+    dq̄ = Σ_k p_k (φ_k − Φ̄) k, dk_k = (p_k (φ_k − Φ̄) + p_k dβ) q̄ + p_k dM_k + p_k (dM_rv·v_k) u,
+    dv_k = p_k (dM_v + r_k dM_rv). u and σ are constants, as in the reference. Pass 1 recomputes the moments
+    (as ``stage1``), pass 2 accumulates; dk, dv, dq̄ are float32 and added with atomics (other centroid
+    blocks and key clusters add to the same rows)."""
+    zp = tl.program_id(0)
+    j = tl.program_id(1)
+    blk = tl.program_id(2)
+    z = zp // P
+    p = zp % P
+    krow0 = z.to(tl.int64) * M_TOT + K_OFF + p * K_PSTRIDE
+    offs_ck = tl.arange(0, BCK)
+    cn = tl.load(cntk + zp.to(tl.int64) * CK + offs_ck, mask=offs_ck < CK, other=0)
+    n_j = tl.sum(tl.where(offs_ck == j, cn, 0), 0)
+    pbase = zp.to(tl.int64) * LK + tl.sum(tl.where(offs_ck < j, cn, 0), 0)
+    offs_d = tl.arange(0, $BD)
+    dmask = offs_d < $D
+    offs_v = tl.arange(0, $BDV)
+    vmask = offs_v < $DV
+    A = G * CQ
+    offs_a = blk * BA + tl.arange(0, BA)
+    amask = offs_a < A
+    arow = zp.to(tl.int64) * A + offs_a
+    qb = tl.load(qbar + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
+    # pass 1: the tilted moments (online max; fp32)
+    m = tl.full([BA], float("-inf"), tl.float32)
+    l = tl.zeros([BA], dtype=tl.float32)
+    mk = tl.zeros([BA, $BD], dtype=tl.float32)
+    mv = tl.zeros([BA, $BDV], dtype=tl.float32)
+    if $DIPOLE:
+        uu = tl.load(u + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
+        mrv = tl.zeros([BA, $BDV], dtype=tl.float32)
+    for t in range(0, n_j, BN):
+        offs = t + tl.arange(0, BN)
+        msk = offs < n_j
+        idx = tl.load(permk + pbase + offs, mask=msk, other=0)
+        kc = tl.load(K + (krow0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        vc = tl.load(V + (krow0 + idx)[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
+                     other=0.0).to(tl.float32)
+        sc = tl.where(msk[None, :], tl.dot(qb, tl.trans(kc), input_precision="$PREC32"), float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        alpha = tl.exp(m - m_new)
+        w = tl.exp(sc - m_new[:, None])
+        l = l * alpha + tl.sum(w, 1)
+        mk = mk * alpha[:, None] + tl.dot(w, kc, input_precision="$PREC32")
+        mv = mv * alpha[:, None] + tl.dot(w, vc, input_precision="$PREC32")
+        if $DIPOLE:
+            r = tl.dot(uu, tl.trans(kc), input_precision="$PREC32")
+            mrv = mrv * alpha[:, None] + tl.dot(w * r, vc, input_precision="$PREC32")
+        m = m_new
+    ne = l > 0
+    inv = tl.where(ne, 1.0 / tl.where(ne, l, 1.0), 0.0)
+    mk = mk * inv[:, None]
+    mv = mv * inv[:, None]
+    orow = arow * CK + j
+    dk_t = tl.load(dkt + orow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
+    dv_t = tl.load(dvt + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None], other=0.0)
+    db = tl.load(dbeta + orow, mask=amask & ne, other=0.0)
+    dmk = dk_t - db[:, None] * qb
+    dmv = dv_t
+    phibar = tl.sum(dmk * mk, 1)
+    if $DIPOLE:
+        mrv = mrv * inv[:, None]
+        dgl = tl.load(dg + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None], other=0.0)
+        ukt = tl.sum(uu * mk, 1)
+        dmk -= tl.sum(dgl * mv, 1)[:, None] * uu
+        dmv -= ukt[:, None] * dgl
+        phibar = tl.sum(dmk * mk, 1) + tl.sum(dgl * mrv, 1)
+    phibar += tl.sum(dmv * mv, 1)
+    m0 = tl.where(ne, m, 0.0)
+    # pass 2: per-key gradients and dq̄
+    dqb = tl.zeros([BA, $BD], dtype=tl.float32)
+    for t in range(0, n_j, BN):
+        offs = t + tl.arange(0, BN)
+        msk = offs < n_j
+        idx = tl.load(permk + pbase + offs, mask=msk, other=0)
+        kc = tl.load(K + (krow0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        vc = tl.load(V + (krow0 + idx)[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
+                     other=0.0).to(tl.float32)
+        sc = tl.dot(qb, tl.trans(kc), input_precision="$PREC32")
+        pk = tl.where(msk[None, :] & ne[:, None], tl.exp(sc - m0[:, None]) * inv[:, None], 0.0)   # [BA, BN]
+        phi = tl.dot(dmk, tl.trans(kc), input_precision="$PREC32") + tl.dot(dmv, tl.trans(vc),
+                                                                              input_precision="$PREC32")
+        if $DIPOLE:
+            r = tl.dot(uu, tl.trans(kc), input_precision="$PREC32")
+            gv = tl.dot(dgl, tl.trans(vc), input_precision="$PREC32")              # dM_rv·v_k
+            phi += r * gv
+        pd = pk * (phi - phibar[:, None])
+        dqb += tl.dot(pd, kc, input_precision="$PREC32")
+        dkk = tl.dot(tl.trans(pd + pk * db[:, None]), qb, input_precision="$PREC32") \
+            + tl.dot(tl.trans(pk), dmk, input_precision="$PREC32")
+        dvv = tl.dot(tl.trans(pk), dmv, input_precision="$PREC32")
+        if $DIPOLE:
+            dkk += tl.dot(tl.trans(pk * gv), uu, input_precision="$PREC32")
+            dvv += tl.dot(tl.trans(pk * r), dgl, input_precision="$PREC32")
+        tl.atomic_add(dk_out + (krow0 + idx)[:, None] * $D + offs_d[None, :], dkk,
+                      mask=msk[:, None] & dmask[None, :])
+        tl.atomic_add(dv_out + (krow0 + idx)[:, None] * $DV + offs_v[None, :], dvv,
+                      mask=msk[:, None] & vmask[None, :])
+    tl.atomic_add(dqbar_out + arow[:, None] * $BD + offs_d[None, :], dqb, mask=amask[:, None])
+
+
+@triton.jit
 def _exact_causal_block(qv, K, V, valid_ptr, krow0, vrow0, kb, N, offs_m, kstart_row, qk_scale, m, l, acc,
                         BN: tl.constexpr, MASKED: tl.constexpr, HAS_VALID: tl.constexpr):
     """One key block of ``exact_causal``: online-softmax update (base 2) of (m, l, acc). MASKED: the block

@@ -72,3 +72,35 @@ def test_stage2_backward_matches_reference_autograd(dipole, with_dlse, empty):
                                               .expand(Z, G * N, Ck))
         inside = t[..., None].abs() < bound
         assert inside.any() and (~inside).any()
+
+
+@pytest.mark.parametrize("dipole,masked", [(True, True), (False, False)])
+def test_stage1_backward_matches_reference_autograd(dipole, masked):
+    g = torch.Generator().manual_seed(5)
+    Z, M, D, Dv, A, Ck = 2, 90, 12, 20, 5, 4
+    k = torch.randn(Z, M, D, generator=g) * 0.7
+    v = torch.randn(Z, M, Dv, generator=g)
+    assign = torch.randint(0, Ck, (Z, M), generator=g)
+    assign[0, assign[0] == 3] = 1                  # key cluster 3 of problem 0 is empty
+    if masked:
+        assign[1, ::7] = Ck                        # masked keys (sentinel): no part in any summary
+    qbar = torch.randn(Z, A, D, generator=g) * 0.5
+    u = torch.nn.functional.normalize(torch.randn(Z, A, D, generator=g), dim=-1) if dipole else None
+    dkt = torch.randn(Z, A, Ck, D, generator=g)
+    dvt = torch.randn(Z, A, Ck, Dv, generator=g)
+    dbeta = torch.randn(Z, A, Ck, generator=g)
+    dg = torch.randn(Z, A, Ck, Dv, generator=g) if dipole else None
+    kr, vr, qr = (t.clone().requires_grad_(True) for t in (k, v, qbar))
+    summ = R.tilted_summaries(qr, kr, vr, assign, Ck, u=u)
+    loss = (summ.kt * dkt).sum() + (summ.vt * dvt).sum() + (torch.where(torch.isfinite(summ.beta), summ.beta, 0)
+                                                             * dbeta).sum()
+    if dipole:
+        loss = loss + (summ.g * dg).sum()
+    ref = torch.autograd.grad(loss, (kr, vr, qr))
+    dbeta_used = torch.where(torch.isfinite(summ.beta.detach()), dbeta, 0)    # an empty cluster has no β
+    mine = T.stage1_backward(k, v, assign, qbar, u, dkt, dvt, dbeta_used, dg, key_clusters=Ck)
+    for name, m, r in zip(("dk", "dv", "dqbar"), mine, ref):
+        assert torch.isfinite(m).all(), name
+        assert _rel(m, r) < 1e-4, (name, _rel(m, r))
+    if masked:
+        assert (mine[0][1, ::7] == 0).all() and (mine[1][1, ::7] == 0).all()
