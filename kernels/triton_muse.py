@@ -43,7 +43,7 @@ def make_plan(q, k, v, *, causal=False, clusters=128, query_clusters=None, dipol
 
 def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clusters=None, dipole=True,
                    kmeans_iters=2, block_size=256, key_padding_mask=None,
-                   _phases=ALL_PHASES) -> Tuple[torch.Tensor, torch.Tensor]:
+                   _phases=ALL_PHASES, _state=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """MuSe forward on the Triton kernels; arguments and returns as ``reference.muse_attention``."""
     ok, why = supports(q, k, v, causal=causal, key_padding_mask=key_padding_mask, clusters=clusters,
                        query_clusters=query_clusters)
@@ -72,7 +72,10 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
     lse = torch.empty(B, H, N, device=dev, dtype=torch.float32)
     if not causal:
         out = torch.empty(B, H, N, Dv, device=dev, dtype=q.dtype)
-        _level(mod, pl, pl.levels[0], q, k, v, valid, s, Z, G, Hkv, N, M, out, lse, merge=False, phases=_phases)
+        st = _level(mod, pl, pl.levels[0], q, k, v, valid, s, Z, G, Hkv, N, M, out, lse, merge=False,
+                    phases=_phases)
+        if _state is not None:
+            _state.update(st, plan=pl, mod=mod, scale=s)
         return out, lse
     direct = len(pl.levels) == 0
     acc = torch.empty(B, H, N, Dv, device=dev, dtype=q.dtype if direct else torch.float32)
@@ -275,6 +278,9 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
                               G, P, N, lv.ans_off, ps, La,
                               CQ=Cq, CK=Ck, BCQ=BCq, BCK=BCk, BM=pl.bm_stage2, MERGE=merge,
                               **kw_s2)
+    # what the backward needs of this level (assignments, sort order, tilt points, directions, λ, summaries)
+    return dict(qassign=qassign, qperm=aperm, qcnt=acount, kperm=kperm, kcnt=kcnt[T], qbar=qbar, u=u, lam=lam,
+                kt=kt, vt=vt, beta=beta, gs=gs, sig=sig, NSq=NSq, NSk=NSk, Cq=Cq, Ck=Ck, A=A, P=P, Lf=Lf, Lk=Lk)
 
 
 def _alloc(dev, dtype, parts, zero=False):
@@ -453,3 +459,60 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
         dk, dv, dqb, A, 1, M, 0, 0, M, CQ=1, CK=Ck, BCK=_pow2(Ck), BA=BA, BN=pl.bn_stage1,
         num_warps=pl.warps_stage)
     return dk, dv, dqb[..., :D]
+
+
+def backward_supported(*, causal: bool, **_) -> bool:
+    """Whether ``muse_attention_backward`` takes the call (acausal today; causal levels and local blocks are
+    still to come, and the op's backward recomputes through the reference for them)."""
+    return not causal
+
+
+def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters=128, query_clusters=None,
+                            dipole=True, kmeans_iters=2, block_size=256, key_padding_mask=None):
+    """Gradients ``(dq, dk, dv)`` of the acausal MuSe op on the Triton kernels.
+
+    Runs the forward kernels once more for the clustering (assignments, sort order, tilt points, directions,
+    λ and summaries), then ``stage2_bwd`` (gradients to q, the summaries and the tilt points through t),
+    ``stage1_bwd`` (summaries to k, v and the tilt points) and the centroid step (a tilt point is the mean of
+    its members' scaled queries: each member gets scale·dq̄/n). As in the reference, the assignments, the
+    directions u, λ and σ are constants. The re-run forward may place a boundary token in another cluster
+    than the call's forward did (float atomics in the k-means sums), like the reference recompute it
+    replaces; the gradient is then the exact gradient of that clustering's MuSe.
+    """
+    if not backward_supported(causal=causal):
+        raise ValueError("the Triton MuSe backward handles acausal calls only")
+    state: dict = {}
+    muse_attention(q, k, v, causal=False, scale=scale, clusters=clusters, query_clusters=query_clusters,
+                   dipole=dipole, kmeans_iters=kmeans_iters, block_size=block_size,
+                   key_padding_mask=key_padding_mask, _state=state)
+    pl, mod, s = state["plan"], state["mod"], state["scale"]
+    B, H, N, D = q.shape
+    Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = H // Hkv
+    NSq, NSk, Cq, Ck, A = state["NSq"], state["NSk"], state["Cq"], state["Ck"], state["A"]
+    BD, BDV = pl.spec.bd, pl.spec.bdv
+    dev, f32 = q.device, torch.float32
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dq = torch.zeros(B, H, N, D, device=dev, dtype=f32)
+    dk = torch.zeros(B, Hkv, M, D, device=dev, dtype=f32)
+    dv = torch.zeros(B, Hkv, M, Dv, device=dev, dtype=f32)
+    n_sum = NSk * A * Ck
+    dkt = torch.zeros(n_sum * BD, device=dev, dtype=f32)
+    dvt = torch.zeros(n_sum * BDV, device=dev, dtype=f32)
+    dbeta = torch.zeros(n_sum, device=dev, dtype=f32)
+    dg = torch.zeros(n_sum * BDV, device=dev, dtype=f32) if pl.spec.dipole else dvt
+    dqb = torch.zeros(NSq * Cq * BD, device=dev, dtype=f32)
+    kw = dict(num_warps=pl.warps_stage)
+    mod.stage2_bwd[(NSq, Cq)](
+        q, s, state["qperm"], state["qcnt"], state["kt"], state["vt"], state["beta"], state["gs"], state["sig"],
+        state["qbar"], state["u"], state["lam"], grad.contiguous(), dq, dq, dkt, dvt, dbeta, dg, dqb,
+        G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2, HAS_DLSE=False, **kw)
+    mod.stage1_bwd[(NSk, Ck, triton_cdiv(A, pl.ba_stage1))](
+        k, v, state["qbar"], state["u"], state["kperm"], state["kcnt"], dkt, dvt, dbeta, dg, dk, dv, dqb,
+        G, 1, M, 0, 0, M, CQ=Cq, CK=Ck, BCK=_pow2(Ck), BA=pl.ba_stage1, BN=pl.bn_stage1, **kw)
+    # centroid step: q̄_a = mean of the members' scaled queries (an empty cluster has no members)
+    cnt = state["qcnt"].view(NSq, Cq).to(f32)
+    per = dqb.view(NSq, Cq, BD)[..., :D] * (s / cnt.clamp(min=1))[..., None]
+    a = state["qassign"].view(NSq, N).to(torch.int64)
+    dq += torch.gather(per, 1, a[..., None].expand(NSq, N, D)).view(B, H, N, D)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
