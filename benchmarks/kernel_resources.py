@@ -85,6 +85,9 @@ def main():
         "guard": (mod.guard, types(Q=X, kt=S, vt=S, gsum=S), dict(CQ=C, CK=C, BCK=C, BKS=8)),
         "stage2": (mod.stage2, types(Q=X, kt=S, vt=S, gsum=S, out=X),
                    dict(CQ=C, CK=C, BCQ=C, BCK=C, BM=a.bm2, MERGE=False)),
+        "stage2_bwd": (mod.stage2_bwd, types(Q=X, kt=S, vt=S, gsum=S, dout="*fp32", dlse="*fp32"),
+                       dict(CQ=C, CK=C, BCQ=C, BCK=C, BM=a.bm2, HAS_DLSE=False)),
+        "stage1_bwd": (mod.stage1_bwd, types(K=X, V=X), dict(CQ=C, CK=C, BCK=C, BA=a.ba, BN=a.bn1)),
         "exact_causal": (mod.exact_causal, types(Q=X, K=X, V=X, out=X, valid_ptr="*u8"),
                          dict(BM=128, BN=64, HAS_VALID=False)),
     }
@@ -102,6 +105,7 @@ class _Default(dict):
     """Argument types by name; unnamed arguments are float32 workspaces (or int32 index buffers)."""
     INT_BUFS = ("init_idx", "cnt_prev", "cnt_out", "assign_out", "pos_out", "pbase_out", "cnt", "assign", "pos",
                 "pbase", "perm", "permk", "cntk", "fit_assign", "valid_ptr")
+    # (float32 everywhere else: workspaces, and the backward's gradient buffers)
 
     def __missing__(self, key):
         if key == "valid_ptr":

@@ -75,6 +75,10 @@ class KernelPlan:
     warps_stage2: int = 0             # 0: warps_stage
     warps_exact: int = 0              # 0: warps
     overlap: bool = True              # key side / exact part on side streams, concurrent with the query side
+    # backward (float32 products): BA=64, BN=64 needs 320 KiB of shared memory in stage1_bwd on sm_90; 32/32
+    # needs 88 KiB (benchmarks/kernel_resources.py, triton 3.9, C=64, D=64)
+    ba_stage1_bwd: int = 32
+    bn_stage1_bwd: int = 32
 
     @property
     def groups(self) -> int:

@@ -137,3 +137,25 @@ def test_acausal_backward_matches_reference_autograd(dipole, mask):
         assert _rel(m, r) < 1e-4, (name, _rel(m, r))
     if mask:
         assert (mine[1].transpose(1, 2)[~kpm] == 0).all() and (mine[2].transpose(1, 2)[~kpm] == 0).all()
+
+
+def test_op_backward_goes_through_triton_when_it_can(monkeypatch):
+    """``torch.ops.muse.attention`` with impl="triton": the acausal backward runs the Triton backward (spied
+    on), the causal one recomputes through the reference; both equal autograd of the reference."""
+    import muse_compile as mc
+    calls = []
+    orig = T.muse_attention_backward
+    monkeypatch.setattr(T, "muse_attention_backward", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    q, k, v = _mixture(1, 2, 1, 64, 16, 16, seed=5)
+    dout = torch.randn(1, 2, 64, 16, generator=torch.Generator().manual_seed(1))
+    for causal in (False, True):
+        calls.clear()
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = mc.multipole_attention(*leaves, causal=causal, clusters=4, block_size=16, impl="triton")
+        got = torch.autograd.grad((out * dout).sum(), leaves)
+        assert len(calls) == (0 if causal else 1)
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        ref_out, _ = R.muse_attention(*leaves, causal=causal, clusters=4, block_size=16)
+        ref = torch.autograd.grad((ref_out * dout).sum(), leaves)
+        for m, r in zip(got, ref):
+            assert _rel(m, r) < 1e-4

@@ -149,3 +149,24 @@ def test_cuda_graph_and_side_streams(causal):
     eo, el = check(go, glse, q2, k2, v2)
     assert eo <= 1e-2 and el <= 1e-2, (eo, el)
     assert _rel(go.float(), o.float()) > 0.1
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
+def test_backward_matches_reference(dtype, tol):
+    """The acausal Triton backward (``triton_muse.muse_attention_backward``) against autograd of the float32
+    reference on the same (rounded) inputs: relative error and cosine similarity (issue 5 asks >= 0.99 in
+    bf16). When this passes on a GPU, ``triton_muse.BACKWARD_ON_GPU`` can be switched on."""
+    from muse_compile.kernels import reference as R
+    from muse_compile.kernels import triton_muse as T
+    q, k, v = _inputs(2, 4, 2, N0, 64, 64, dtype, seed=3)
+    kw = _kw(False, _mask())
+    dout = torch.randn(2, 4, N0, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    leaves = [t.float().clone().requires_grad_(True) for t in (q, k, v)]
+    out, _ = R.muse_attention(*leaves, **kw)
+    ref = torch.autograd.grad((out * dout).sum(), leaves)
+    got = T.muse_attention_backward(dout.to(dtype), q, k, v, **kw)
+    for name, m, r in zip(("dq", "dk", "dv"), got, ref):
+        m = m.float()
+        assert torch.isfinite(m).all(), name
+        cos = torch.nn.functional.cosine_similarity(m.flatten(), r.flatten(), dim=0).item()
+        assert _rel(m, r) <= tol and cos >= 0.99, (name, _rel(m, r), cos)
