@@ -358,14 +358,16 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, scale, query_clusters,
-                    dlse=None):
+                    merged=None):
     """Gradients through stage 2 (summary attention + dipole) with the Triton kernel ``stage2_bwd``: the
     first piece of the Triton backward (stage 1, the centroids and the causal levels are still to come; the
     op's backward recomputes through the reference meanwhile).
 
     Args:
         q: ``[B, H, N, D]`` unscaled queries; dout: ``[B, H, N, Dv]`` upstream gradient of the output;
-            dlse: optional ``[B, H, N]`` upstream gradient of the stage's log-sum-exp.
+            merged: optional ``(lse, o)``: the final log-sum-exp ``[B, H, N]`` and output ``[B, H, N, Dv]`` when
+            stage 2's output was LSE-merged with other parts (a causal level); the gradient is then the one
+            through the merged output.
         q_assign: ``[Z, G, N]`` query cluster in ``[0, query_clusters)`` (Z = B·Hkv, G = H / Hkv).
         kt, vt, beta, g, sigma: the summaries ``[Z, A, Ck, ·]`` (A = G·query_clusters), g/sigma None for the
             monopole; qbar, u: ``[Z, A, D]`` scaled tilt points and directions; lam: ``[Z, G]`` dipole scales.
@@ -405,10 +407,14 @@ def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, 
     dbeta = torch.zeros(Z, A, Ck, device=dev, dtype=f32)
     dg = torch.zeros_like(vtp) if dipole else dvt
     dqb = torch.zeros(Z, A, BD, device=dev, dtype=f32)
+    lse_f = delta = dq
+    if merged is not None:
+        lse_f = merged[0].to(f32).contiguous()
+        delta = (dout.to(f32) * merged[1].to(f32)).sum(-1).contiguous()
     mod.stage2_bwd[(NS, Cq)](
         q.contiguous(), float(scale), perm, cnt, ktp, vtp, beta.to(f32).contiguous(), gp, sg, qb, uu, lam2,
-        dout.contiguous(), dlse.contiguous() if dlse is not None else dq, dq, dkt, dvt, dbeta, dg, dqb,
-        G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2, HAS_DLSE=dlse is not None,
+        dout.contiguous(), lse_f, delta, dq, dkt, dvt, dbeta, dg, dqb,
+        G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2, GLOBAL=merged is not None,
         num_warps=pl.warps_stage)
     grads = (dkt[..., :D], dvt[..., :Dv], dbeta, dg[..., :Dv] if dipole else None)
     return dq, grads, dqb[..., :D]
@@ -511,8 +517,8 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
     kw = dict(num_warps=pl.warps_stage)
     mod.stage2_bwd[(NSq, Cq)](
         q, s, state["qperm"], state["qcnt"], state["kt"], state["vt"], state["beta"], state["gs"], state["sig"],
-        state["qbar"], state["u"], state["lam"], grad.contiguous(), dq, dq, dkt, dvt, dbeta, dg, dqb,
-        G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2, HAS_DLSE=False, **kw)
+        state["qbar"], state["u"], state["lam"], grad.contiguous(), dq, dq, dq, dkt, dvt, dbeta, dg, dqb,
+        G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2, GLOBAL=False, **kw)
     mod.stage1_bwd[(NSk, Ck, triton_cdiv(A, pl.ba_stage1_bwd))](
         k, v, state["qbar"], state["u"], state["kperm"], state["kcnt"], dkt, dvt, dbeta, dg, dk, dv, dqb,
         G, 1, M, 0, 0, M, CQ=Cq, CK=Ck, BCK=_pow2(Ck), BA=pl.ba_stage1_bwd, BN=pl.bn_stage1_bwd, **kw)

@@ -506,19 +506,22 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
 
 
 @triton.jit
-def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dout, dlse,
+def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dout, lse_in, delta_in,
                dq_out, dkt_out, dvt_out, dbeta_out, dg_out, dqbar_out,
                G, P, N_TOT, A_OFF, A_PSTRIDE, LA,
                CQ: tl.constexpr, CK: tl.constexpr, BCQ: tl.constexpr, BCK: tl.constexpr, BM: tl.constexpr,
-               HAS_DLSE: tl.constexpr):
+               GLOBAL: tl.constexpr):
     """Backward of ``stage2`` for one (query set, query cluster a): the scores and weights are recomputed from
     the summaries (all CK of them in one tile), so neither the output nor the log-sum-exp is needed.
 
     With ℓ_j = q·k̃_j + β_j, p = softmax(ℓ), t = (q − q̄)·u, c_j = clamp(t, ±T/σ_j) and
-    o = Σ_j p_j (ṽ_j + λ c_j g_j), for an upstream gradient δ = dO (and dL of the log-sum-exp when HAS_DLSE):
-    dp_j = δ·ṽ_j + λ c_j δ·g_j, dℓ_j = p_j (dp_j − Σ_k p_k dp_k + dL), dṽ_j = Σ p_j δ, dg_j = Σ λ p_j c_j δ,
+    o = Σ_j p_j (ṽ_j + λ c_j g_j), for an upstream gradient δ = dO:
+    dp_j = δ·ṽ_j + λ c_j δ·g_j, dℓ_j = p_j (dp_j − Σ_k p_k dp_k), dṽ_j = Σ p_j δ, dg_j = Σ λ p_j c_j δ,
     dk̃_j = Σ dℓ_j q, dβ_j = Σ dℓ_j, dq = Σ_j dℓ_j k̃_j + dt·u with dt = Σ_j λ p_j (δ·g_j) [|t| < T/σ_j],
     dq̄ = −Σ dt·u. λ, u and σ (the trust bound) are constants, as in the reference.
+    GLOBAL (a causal level, LSE-merged with other parts of the query's attention): p_j = exp(ℓ_j − L) with
+    the final log-sum-exp L of the query and Σ_k p_k dp_k replaced by D = δ·o with the final output o (the
+    flash-attention backward's identity: the merged softmax is one softmax over all parts' keys).
     Writes dq (for the unscaled queries: scale·dq) at the queries' rows, the per-summary gradients at the
     summaries' rows (float32) and dq̄ per cluster. Assumes every query row and summary row belongs to one
     program (acausal layout: P = 1, or disjoint causal answer sets)."""
@@ -571,12 +574,14 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
         do = tl.load(dout + rows[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
                      other=0.0).to(tl.float32)
         sc = tl.dot(qv, tl.trans(ktl), input_precision="$PREC32") + bt[None, :]
-        mr = tl.max(sc, 1)
-        fin = mr > float("-inf")
-        mr0 = tl.where(fin, mr, 0.0)
-        pr = tl.exp(sc - mr0[:, None])
-        l = tl.sum(pr, 1)
-        pr = pr * tl.where(l > 0, 1.0 / tl.where(l > 0, l, 1.0), 0.0)[:, None]
+        if GLOBAL:
+            lse_f = tl.load(lse_in + rows, mask=msk, other=float("-inf"))
+            pr = tl.exp(sc - tl.where(lse_f > float("-inf"), lse_f, 0.0)[:, None])
+        else:
+            mr = tl.max(sc, 1)
+            pr = tl.exp(sc - tl.where(mr > float("-inf"), mr, 0.0)[:, None])
+            l = tl.sum(pr, 1)
+            pr = pr * tl.where(l > 0, 1.0 / tl.where(l > 0, l, 1.0), 0.0)[:, None]
         pr = tl.where(msk[:, None], pr, 0.0)
         dp = tl.dot(do, tl.trans(vtl), input_precision="$PREC32")
         if $DIPOLE:
@@ -589,10 +594,10 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
             dtt = tl.sum(tl.where(inside, e, 0.0), 1)
             dgl += tl.dot(tl.trans(lm * pr * cl), do, input_precision="$PREC32")
             dt_sum += tl.sum(dtt, 0)
-        dl = pr * (dp - tl.sum(pr * dp, 1)[:, None])
-        if HAS_DLSE:
-            dls = tl.load(dlse + rows, mask=msk, other=0.0)
-            dl += pr * dls[:, None]
+        if GLOBAL:
+            dl = pr * (dp - tl.load(delta_in + rows, mask=msk, other=0.0)[:, None])
+        else:
+            dl = pr * (dp - tl.sum(pr * dp, 1)[:, None])
         dvt += tl.dot(tl.trans(pr), do, input_precision="$PREC32")
         dkt += tl.dot(tl.trans(dl), qv, input_precision="$PREC32")
         dbt += tl.sum(dl, 0)

@@ -13,8 +13,10 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
-@pytest.mark.parametrize("dipole,with_dlse,empty", [(True, True, True), (True, False, False), (False, True, False)])
-def test_stage2_backward_matches_reference_autograd(dipole, with_dlse, empty):
+@pytest.mark.parametrize("dipole,merged,empty", [(True, True, True), (True, False, False), (False, True, False)])
+def test_stage2_backward_matches_reference_autograd(dipole, merged, empty):
+    """merged: stage 2's output is LSE-merged with another partial attention (as in a causal level) and the
+    gradient flows through the merged output."""
     g = torch.Generator().manual_seed(3)
     B, Hkv, G, N, D, Dv, Cq, Ck = 2, 1, 2, 70, 12, 20, 3, 5
     H, Z, A = Hkv * G, B * Hkv, G * Cq
@@ -33,7 +35,7 @@ def test_stage2_backward_matches_reference_autograd(dipole, with_dlse, empty):
     u = torch.nn.functional.normalize(torch.randn(Z, A, D, generator=g), dim=-1)
     lam = torch.rand(Z, G, generator=g)
     dout = torch.randn(B, H, N, Dv, generator=g)
-    dlse = torch.randn(B, H, N, generator=g) if with_dlse else None
+    other = (torch.randn(B, H, N, Dv, generator=g), torch.randn(B, H, N, generator=g)) if merged else None
 
     leaves = [t.clone().requires_grad_(True) for t in (q, kt, vt, beta, qbar)]
     qq, ktr, vtr, betar, qbr = leaves
@@ -46,16 +48,17 @@ def test_stage2_backward_matches_reference_autograd(dipole, with_dlse, empty):
     out = out.view(Z, G, N, Dv)
     if dipole:
         out = out + lam.view(Z, G, 1, 1) * dip.view(Z, G, N, Dv)
-    loss = (out.reshape(B, H, N, Dv) * dout).sum()
-    if with_dlse:
-        loss = loss + (torch.where(torch.isfinite(lse), lse, 0).reshape(B, H, N) * dlse).sum()
+    out, lse = out.reshape(B, H, N, Dv), lse.reshape(B, H, N)
+    if merged:
+        out, lse = R.merge_partials(out, lse, *other)
+    loss = (out * dout).sum()
     extra = [gr] if dipole else []
     ref = torch.autograd.grad(loss, leaves + extra, allow_unused=True)
     ref = [torch.zeros_like(x) if r is None else r for x, r in zip(leaves + extra, ref)]   # dq̄: monopole
 
     dq, (dkt, dvt, dbeta, dg), dqb = T.stage2_backward(
         q, dout, assign, kt, vt, beta, gs, sigma, qbar, u if dipole else None, lam, scale=scale,
-        query_clusters=Cq, dlse=dlse)
+        query_clusters=Cq, merged=(lse.detach(), out.detach()) if merged else None)
     mine = [dq, dkt, dvt, dbeta, dqb] + ([dg] if dipole else [])
     names = ["dq", "dkt", "dvt", "dbeta", "dqbar", "dg"]
     for name, m, r in zip(names, mine, ref):
