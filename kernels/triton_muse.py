@@ -92,10 +92,13 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
             if ex is not None:
                 done = torch.cuda.Event()
                 done.record(ex)
+    levels = []
     for i, lv in enumerate(pl.levels):
-        _level(mod, pl, lv, q, k, v, valid, s, Z, G, Hkv, N, N, acc, lse, merge=True, phases=_phases,
-               stage2_after=done if i == 0 else None)
+        levels.append(_level(mod, pl, lv, q, k, v, valid, s, Z, G, Hkv, N, N, acc, lse, merge=True,
+                             phases=_phases, stage2_after=done if i == 0 else None))
     _join(ex)
+    if _state is not None:
+        _state.update(levels=levels, plan=pl, mod=mod, scale=s)
     if direct or "cast" not in _phases:
         return acc, lse
     return acc.to(q.dtype), lse
@@ -279,8 +282,9 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
                               CQ=Cq, CK=Ck, BCQ=BCq, BCK=BCk, BM=pl.bm_stage2, MERGE=merge,
                               **kw_s2)
     # what the backward needs of this level (assignments, sort order, tilt points, directions, λ, summaries)
-    return dict(qassign=qassign, qperm=aperm, qcnt=acount, kperm=kperm, kcnt=kcnt[T], qbar=qbar, u=u, lam=lam,
-                kt=kt, vt=vt, beta=beta, gs=gs, sig=sig, NSq=NSq, NSk=NSk, Cq=Cq, Ck=Ck, A=A, P=P, Lf=Lf, Lk=Lk)
+    return dict(qassign=qassign, fcnt=qcnt[T], qperm=aperm, qcnt=acount, kperm=kperm, kcnt=kcnt[T], qbar=qbar,
+                u=u, lam=lam, kt=kt, vt=vt, beta=beta, gs=gs, sig=sig, NSq=NSq, NSk=NSk, Cq=Cq, Ck=Ck, A=A, P=P,
+                Lf=Lf, Lk=Lk, La=La, ans_off=lv.ans_off, ps=ps)
 
 
 def _alloc(dev, dtype, parts, zero=False):
@@ -473,58 +477,91 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
 BACKWARD_ON_GPU = False
 
 
-def backward_supported(*, causal: bool, **_) -> bool:
-    """Whether ``muse_attention_backward`` takes the call (acausal today; causal levels and local blocks are
-    still to come, and the op's backward recomputes through the reference for them)."""
-    return not causal
+def backward_supported(**_) -> bool:
+    """Whether ``muse_attention_backward`` takes the call (every call the Triton forward takes)."""
+    return True
 
 
 def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters=128, query_clusters=None,
                             dipole=True, kmeans_iters=2, block_size=256, key_padding_mask=None):
-    """Gradients ``(dq, dk, dv)`` of the acausal MuSe op on the Triton kernels.
+    """Gradients ``(dq, dk, dv)`` of the MuSe op (acausal or causal) on the Triton kernels.
 
-    Runs the forward kernels once more for the clustering (assignments, sort order, tilt points, directions,
-    λ and summaries), then ``stage2_bwd`` (gradients to q, the summaries and the tilt points through t),
-    ``stage1_bwd`` (summaries to k, v and the tilt points) and the centroid step (a tilt point is the mean of
-    its members' scaled queries: each member gets scale·dq̄/n). As in the reference, the assignments, the
-    directions u, λ and σ are constants. The re-run forward may place a boundary token in another cluster
-    than the call's forward did (float atomics in the k-means sums), like the reference recompute it
-    replaces; the gradient is then the exact gradient of that clustering's MuSe.
+    Runs the forward kernels once more for the clustering (assignments, sort orders, tilt points,
+    directions, λ, summaries) and the final output and log-sum-exp, then per MuSe problem batch ``stage2_bwd``
+    (to q, the summaries and the tilt points through t), ``stage1_bwd`` (summaries to k, v and the tilt
+    points) and the centroid step (a tilt point is the mean of its fit set's scaled queries: each member
+    gets scale·dq̄/n); the causal op adds the exact part's backward (``exact_causal_bwd_*``). The causal
+    parts are LSE-merged in the forward, so their backward uses the final log-sum-exp L and D = dO·o
+    (one softmax over all parts' keys). As in the reference, the assignments, the directions u, λ and σ are
+    constants. The re-run forward may place a boundary token in another cluster than the call's forward did
+    (float atomics in the k-means sums), like the reference recompute it replaces; the gradient is then the
+    exact gradient of that clustering's MuSe.
     """
-    if not backward_supported(causal=causal):
-        raise ValueError("the Triton MuSe backward handles acausal calls only")
     state: dict = {}
-    muse_attention(q, k, v, causal=False, scale=scale, clusters=clusters, query_clusters=query_clusters,
-                   dipole=dipole, kmeans_iters=kmeans_iters, block_size=block_size,
-                   key_padding_mask=key_padding_mask, _state=state)
+    out, lse = muse_attention(q, k, v, causal=causal, scale=scale, clusters=clusters, query_clusters=query_clusters,
+                              dipole=dipole, kmeans_iters=kmeans_iters, block_size=block_size,
+                              key_padding_mask=key_padding_mask, _state=state)
     pl, mod, s = state["plan"], state["mod"], state["scale"]
     B, H, N, D = q.shape
     Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hkv
-    NSq, NSk, Cq, Ck, A = state["NSq"], state["NSk"], state["Cq"], state["Ck"], state["A"]
-    BD, BDV = pl.spec.bd, pl.spec.bdv
     dev, f32 = q.device, torch.float32
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.contiguous()
+    valid = None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
     dq = torch.zeros(B, H, N, D, device=dev, dtype=f32)
     dk = torch.zeros(B, Hkv, M, D, device=dev, dtype=f32)
     dv = torch.zeros(B, Hkv, M, Dv, device=dev, dtype=f32)
+    kw = dict(num_warps=pl.warps_stage)
+    if not causal:
+        _level_backward(mod, pl, state, q, k, v, grad, None, None, dq, dk, dv, s, G, N, M, **kw)
+    else:
+        delta = (grad.to(f32) * out.to(f32)).sum(-1).contiguous()
+        BM, BN = pl.bm_exact_bwd, pl.bn_exact_bwd
+        vp = valid if valid is not None else q
+        mod.exact_causal_bwd_dkdv[(B * Hkv, triton_cdiv(N, BN))](
+            q, k, v, s, vp, grad, lse, delta, dk, dv, G, Hkv, N, pl.exact_chunk,
+            BM=BM, BN=BN, HAS_VALID=valid is not None, **kw)
+        mod.exact_causal_bwd_dq[(B * H, triton_cdiv(N, BM))](
+            q, k, v, s, vp, grad, lse, delta, dq, G, Hkv, N, pl.exact_chunk,
+            BM=BM, BN=BN, HAS_VALID=valid is not None, **kw)
+        for st in state["levels"]:
+            _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N, M, **kw)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N, M, **kw):
+    """Backward of one MuSe problem batch (``_level``'s state ``st``); adds to dq, dk, dv (float32).
+    ``lse``/``delta`` given: the level's output was LSE-merged (causal), see ``stage2_bwd``'s GLOBAL."""
+    NSq, NSk, Cq, Ck, A, P = st["NSq"], st["NSk"], st["Cq"], st["Ck"], st["A"], st["P"]
+    BD, BDV = pl.spec.bd, pl.spec.bdv
+    D = q.shape[-1]
+    dev, f32 = q.device, torch.float32
     n_sum = NSk * A * Ck
     dkt = torch.zeros(n_sum * BD, device=dev, dtype=f32)
     dvt = torch.zeros(n_sum * BDV, device=dev, dtype=f32)
     dbeta = torch.zeros(n_sum, device=dev, dtype=f32)
     dg = torch.zeros(n_sum * BDV, device=dev, dtype=f32) if pl.spec.dipole else dvt
     dqb = torch.zeros(NSq * Cq * BD, device=dev, dtype=f32)
-    kw = dict(num_warps=pl.warps_stage)
+    merged = lse is not None
     mod.stage2_bwd[(NSq, Cq)](
-        q, s, state["qperm"], state["qcnt"], state["kt"], state["vt"], state["beta"], state["gs"], state["sig"],
-        state["qbar"], state["u"], state["lam"], grad.contiguous(), dq, dq, dq, dkt, dvt, dbeta, dg, dqb,
-        G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2, GLOBAL=False, **kw)
+        q, s, st["qperm"], st["qcnt"], st["kt"], st["vt"], st["beta"], st["gs"], st["sig"], st["qbar"], st["u"],
+        st["lam"], grad, lse if merged else dq, delta if merged else dq, dq, dkt, dvt, dbeta, dg, dqb,
+        G, P, N, st["ans_off"], st["ps"], st["La"],
+        CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2, GLOBAL=merged, **kw)
     mod.stage1_bwd[(NSk, Ck, triton_cdiv(A, pl.ba_stage1_bwd))](
-        k, v, state["qbar"], state["u"], state["kperm"], state["kcnt"], dkt, dvt, dbeta, dg, dk, dv, dqb,
-        G, 1, M, 0, 0, M, CQ=Cq, CK=Ck, BCK=_pow2(Ck), BA=pl.ba_stage1_bwd, BN=pl.bn_stage1_bwd, **kw)
-    # centroid step: q̄_a = mean of the members' scaled queries (an empty cluster has no members)
-    cnt = state["qcnt"].view(NSq, Cq).to(f32)
-    per = dqb.view(NSq, Cq, BD)[..., :D] * (s / cnt.clamp(min=1))[..., None]
-    a = state["qassign"].view(NSq, N).to(torch.int64)
-    dq += torch.gather(per, 1, a[..., None].expand(NSq, N, D)).view(B, H, N, D)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        k, v, st["qbar"], st["u"], st["kperm"], st["kcnt"], dkt, dvt, dbeta, dg, dk, dv, dqb,
+        G, P, M, 0, st["ps"], st["Lk"], CQ=Cq, CK=Ck, BCK=_pow2(Ck), BA=pl.ba_stage1_bwd, BN=pl.bn_stage1_bwd,
+        **kw)
+    # centroid step: q̄_a is the mean of its fit set's scaled queries (an empty cluster has no members).
+    # Fit token i of set sq = (z·P + p)·G + g is query row (z·G + g)·N + p·ps + i, for i < the pair's length.
+    Lf, ps = st["Lf"], st["ps"]
+    per = dqb.view(NSq, Cq, BD)[..., :D] * (s / st["fcnt"].view(NSq, Cq).to(f32).clamp(min=1))[..., None]
+    a = st["qassign"].view(NSq, Lf).to(torch.int64)
+    sq = torch.arange(NSq, device=dev)
+    zp, g = sq // G, sq % G
+    z, p = zp // P, zp % P
+    i = torch.arange(Lf, device=dev)
+    ok = i[None, :] < torch.clamp(N - p * ps, max=Lf)[:, None]
+    rows = ((z * G + g) * N + p * ps)[:, None] + i[None, :]
+    contrib = torch.gather(per, 1, torch.where(ok, a, 0)[..., None].expand(NSq, Lf, D))
+    dq.view(-1, D).index_add_(0, rows[ok], contrib[ok])

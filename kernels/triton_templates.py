@@ -522,7 +522,7 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
     GLOBAL (a causal level, LSE-merged with other parts of the query's attention): p_j = exp(ℓ_j − L) with
     the final log-sum-exp L of the query and Σ_k p_k dp_k replaced by D = δ·o with the final output o (the
     flash-attention backward's identity: the merged softmax is one softmax over all parts' keys).
-    Writes dq (for the unscaled queries: scale·dq) at the queries' rows, the per-summary gradients at the
+    Adds dq (for the unscaled queries: scale·dq) to the queries' rows, writes the per-summary gradients at the
     summaries' rows (float32) and dq̄ per cluster. Assumes every query row and summary row belongs to one
     program (acausal layout: P = 1, or disjoint causal answer sets)."""
     s = tl.program_id(0)
@@ -604,7 +604,10 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
         dq = tl.dot(dl, ktl, input_precision="$PREC32")
         if $DIPOLE:
             dq += dtt[:, None] * uu[None, :]
-        tl.store(dq_out + rows[:, None] * $D + offs_d[None, :], dq * scale_q, mask=msk[:, None] & dmask[None, :])
+        # added to what is there: the exact part and other causal levels write the same rows (other launches)
+        dqp = dq_out + rows[:, None] * $D + offs_d[None, :]
+        dqm = msk[:, None] & dmask[None, :]
+        tl.store(dqp, tl.load(dqp, mask=dqm, other=0.0) + dq * scale_q, mask=dqm)
     tl.store(dkt_out + srow[:, None] * $BD + offs_d[None, :], dkt, mask=kmask[:, None])
     tl.store(dvt_out + srow[:, None] * $BDV + offs_v[None, :], dvt, mask=kmask[:, None])
     tl.store(dbeta_out + srow, dbt, mask=kmask)
@@ -724,6 +727,107 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, dkt, dvt, dbeta, dg, dk_out, dv_out, 
         tl.atomic_add(dv_out + (krow0 + idx)[:, None] * $DV + offs_v[None, :], dvv,
                       mask=msk[:, None] & vmask[None, :])
     tl.atomic_add(dqbar_out + arow[:, None] * $BD + offs_d[None, :], dqb, mask=amask[:, None])
+
+
+@triton.jit
+def exact_causal_bwd_dkdv(Q, K, V, scale_q, valid_ptr, dout, lse_in, delta_in, dk_out, dv_out, G, HKV, N, E,
+                          BM: tl.constexpr, BN: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Backward of ``exact_causal`` for one (batch·kv head, block of BN keys): dk and dv, summed over the G
+    query heads, from the final log-sum-exp L and D = dO·o of each query (P = exp(s − L) is the query's
+    weight on the key in the whole, merged attention; dS = P (dO·v − D)). Added to dk/dv's rows."""
+    z = tl.program_id(0)
+    kb = tl.program_id(1)
+    b = z // HKV
+    offs_n = kb * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_d = tl.arange(0, $BD)
+    dmask = offs_d < $D
+    offs_v = tl.arange(0, $BDV)
+    vmask = offs_v < $DV
+    krow = z.to(tl.int64) * N + offs_n
+    kc = tl.load(K + krow[:, None] * $D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+    vc = tl.load(V + krow[:, None] * $DV + offs_v[None, :], mask=nmask[:, None] & vmask[None, :], other=0.0)
+    kok = nmask
+    if HAS_VALID:
+        kok = kok & (tl.load(valid_ptr + b.to(tl.int64) * N + offs_n, mask=nmask, other=0) != 0)
+    kchunk = (offs_n // E) * E
+    last = tl.minimum(kb * BN + BN, N) - 1
+    q_lo = ((kb * BN) // BM) * BM
+    q_hi = tl.minimum((last // E + 1) * E, N)       # the end of the last key's chunk
+    dk = tl.zeros([BN, $BD], dtype=tl.float32)
+    dv = tl.zeros([BN, $BDV], dtype=tl.float32)
+    for g in range(0, G):
+        qrow0 = (z * G + g).to(tl.int64) * N
+        for mb in range(q_lo, q_hi, BM):
+            offs_m = mb + tl.arange(0, BM)
+            mmask = offs_m < N
+            qv = tl.load(Q + (qrow0 + offs_m)[:, None] * $D + offs_d[None, :],
+                         mask=mmask[:, None] & dmask[None, :], other=0.0)
+            do = tl.load(dout + (qrow0 + offs_m)[:, None] * $DV + offs_v[None, :],
+                         mask=mmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+            lse = tl.load(lse_in + qrow0 + offs_m, mask=mmask, other=float("-inf"))
+            dlt = tl.load(delta_in + qrow0 + offs_m, mask=mmask, other=0.0)
+            sc = tl.dot(qv.to(tl.float32), tl.trans(kc.to(tl.float32)), input_precision="$PREC32") * scale_q
+            ok = (offs_n[None, :] <= offs_m[:, None]) & (kchunk[None, :] == ((offs_m // E) * E)[:, None]) \
+                & kok[None, :] & mmask[:, None] & (lse > float("-inf"))[:, None]
+            pr = tl.exp(tl.where(ok, sc - tl.where(lse > float("-inf"), lse, 0.0)[:, None], float("-inf")))
+            dv += tl.dot(tl.trans(pr), do, input_precision="$PREC32")
+            dp = tl.dot(do, tl.trans(vc.to(tl.float32)), input_precision="$PREC32")
+            ds = pr * (dp - dlt[:, None])
+            dk += tl.dot(tl.trans(ds), qv.to(tl.float32), input_precision="$PREC32") * scale_q
+    kp = dk_out + krow[:, None] * $D + offs_d[None, :]
+    km = nmask[:, None] & dmask[None, :]
+    tl.store(kp, tl.load(kp, mask=km, other=0.0) + dk, mask=km)
+    vp = dv_out + krow[:, None] * $DV + offs_v[None, :]
+    vm = nmask[:, None] & vmask[None, :]
+    tl.store(vp, tl.load(vp, mask=vm, other=0.0) + dv, mask=vm)
+
+
+@triton.jit
+def exact_causal_bwd_dq(Q, K, V, scale_q, valid_ptr, dout, lse_in, delta_in, dq_out, G, HKV, N, E,
+                        BM: tl.constexpr, BN: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Backward of ``exact_causal`` for one (batch·head, block of BM queries): dq = scale·Σ dS k over the
+    query's keys in its chunk, with dS as in ``exact_causal_bwd_dkdv``. Added to dq's rows."""
+    zg = tl.program_id(0)
+    tile = tl.program_id(1)
+    z = zg // G
+    b = z // HKV
+    offs_m = tile * BM + tl.arange(0, BM)
+    mmask = offs_m < N
+    offs_d = tl.arange(0, $BD)
+    dmask = offs_d < $D
+    offs_v = tl.arange(0, $BDV)
+    vmask = offs_v < $DV
+    qrow = zg.to(tl.int64) * N + offs_m
+    qv = tl.load(Q + qrow[:, None] * $D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+    do = tl.load(dout + qrow[:, None] * $DV + offs_v[None, :], mask=mmask[:, None] & vmask[None, :],
+                 other=0.0).to(tl.float32)
+    lse = tl.load(lse_in + qrow, mask=mmask, other=float("-inf"))
+    dlt = tl.load(delta_in + qrow, mask=mmask, other=0.0)
+    qchunk = (offs_m // E) * E
+    lo = ((tile * BM) // E) * E
+    hi = tl.minimum(tile * BM + BM, N)
+    krow0 = z.to(tl.int64) * N
+    dq = tl.zeros([BM, $BD], dtype=tl.float32)
+    for kb in range(lo, hi, BN):
+        offs_n = kb + tl.arange(0, BN)
+        nmask = offs_n < N
+        kc = tl.load(K + (krow0 + offs_n)[:, None] * $D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+                     other=0.0)
+        vc = tl.load(V + (krow0 + offs_n)[:, None] * $DV + offs_v[None, :], mask=nmask[:, None] & vmask[None, :],
+                     other=0.0)
+        ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= qchunk[:, None]) & nmask[None, :] \
+            & (lse > float("-inf"))[:, None]
+        if HAS_VALID:
+            ok = ok & (tl.load(valid_ptr + b.to(tl.int64) * N + offs_n, mask=nmask, other=0) != 0)[None, :]
+        sc = tl.dot(qv.to(tl.float32), tl.trans(kc.to(tl.float32)), input_precision="$PREC32") * scale_q
+        pr = tl.exp(tl.where(ok, sc - tl.where(lse > float("-inf"), lse, 0.0)[:, None], float("-inf")))
+        dp = tl.dot(do, tl.trans(vc.to(tl.float32)), input_precision="$PREC32")
+        ds = pr * (dp - dlt[:, None])
+        dq += tl.dot(ds, kc.to(tl.float32), input_precision="$PREC32") * scale_q
+    qp = dq_out + qrow[:, None] * $D + offs_d[None, :]
+    qm = mmask[:, None] & dmask[None, :]
+    tl.store(qp, tl.load(qp, mask=qm, other=0.0) + dq, mask=qm)
 
 
 @triton.jit

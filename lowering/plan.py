@@ -79,6 +79,9 @@ class KernelPlan:
     # needs 88 KiB (benchmarks/kernel_resources.py, triton 3.9, C=64, D=64)
     ba_stage1_bwd: int = 32
     bn_stage1_bwd: int = 32
+    # exact_causal_bwd_*: 64x64 tiles need 129 / 96 KiB of shared memory, 128x64 194 / 160 KiB (same source)
+    bm_exact_bwd: int = 64
+    bn_exact_bwd: int = 64
 
     @property
     def groups(self) -> int:
@@ -205,7 +208,8 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
     return KernelPlan(spec=spec, batch=B, heads=H, kv_heads=Hkv, n=N, m=M, causal=causal, kmeans_iters=iters,
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
-                      workspace_bytes=ws, jb_stage1=2 if interpret else 1)
+                      workspace_bytes=ws, jb_stage1=2 if interpret else 1,
+                      bm_exact_bwd=32 if interpret else 64, bn_exact_bwd=32 if interpret else 64)
 
 
 def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: int = 128,

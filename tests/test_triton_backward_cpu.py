@@ -9,6 +9,16 @@ from muse_compile.kernels import reference as R  # noqa: E402
 from muse_compile.kernels import triton_muse as T  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _muse_levels_at_tiny_sizes(monkeypatch):
+    """Causal levels run MuSe from S = 4·C on, so tiny causal shapes have MuSe levels (see test_triton_cpu)."""
+    from muse_compile.lowering import plan as PL, schedule
+    monkeypatch.setattr(schedule, "EXACT_LEVEL_FACTOR", 4)
+    PL._plan.cache_clear()
+    yield
+    PL._plan.cache_clear()
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
@@ -118,22 +128,29 @@ def _mixture(B, H, Hkv, N, D, Dv, seed, modes=6):
     return mix(H), mix(Hkv), torch.randn(B, Hkv, N, Dv, generator=g)
 
 
-@pytest.mark.parametrize("dipole,mask", [(True, True), (False, False)])
-def test_acausal_backward_matches_reference_autograd(dipole, mask):
-    """The whole acausal Triton backward (forward re-run for the clustering, stage-2 and stage-1 backward
-    kernels, centroid step) against autograd of the reference op, GQA and a padding mask included. Well
-    separated modes: both implementations find the same clusters."""
-    B, H, Hkv, N, D, Dv, C = 2, 4, 2, 96, 16, 24, 4
+@pytest.mark.parametrize("causal,dipole,mask", [(False, True, True), (False, False, False), (True, True, True),
+                                                 (True, False, False)])
+def test_backward_matches_reference_autograd(causal, dipole, mask):
+    """The whole Triton backward (forward re-run for the clustering; stage-2 and stage-1 backward kernels and
+    the centroid step per MuSe problem batch; causal: the exact part's backward and LSE-merged levels with a
+    tail pair) against autograd of the reference op, GQA and a padding mask included. Well separated modes:
+    both implementations find the same clusters."""
+    B, H, Hkv, N, D, Dv, C = 2, 4, 2, (150 if causal else 96), 16, 24, 4
     q, k, v = _mixture(B, H, Hkv, N, D, Dv, seed=21)
+    # logits of a few tens, not ~100: the causal parts are weighted by exp(s − L) with the forward's final
+    # log-sum-exp L (the flash-attention backward's identity), and L's float32 rounding (1 ulp of 64 is 8e-6)
+    # times near-saturated softmax terms that cancel in dq gave 2e-4..6e-4 relative error at q*1 (measured)
+    q = q * 0.25
     kpm = None
     if mask:
         kpm = torch.rand(B, N, generator=torch.Generator().manual_seed(4)) > 0.25
-    kw = dict(clusters=C, dipole=dipole, kmeans_iters=2, key_padding_mask=kpm)
+    kw = dict(causal=causal, clusters=C, dipole=dipole, kmeans_iters=2, key_padding_mask=kpm, block_size=16)
+    if causal:
+        assert any(not lv.exact for lv in R.causal_schedule(N, 16, C))
     dout = torch.randn(B, H, N, Dv, generator=torch.Generator().manual_seed(9))
     qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
     out, _ = R.muse_attention(qr, kr, vr, **kw)
     ref = torch.autograd.grad((out * dout).sum(), (qr, kr, vr))
-    assert T.backward_supported(causal=False) and not T.backward_supported(causal=True)
     mine = T.muse_attention_backward(dout, q, k, v, **kw)
     for name, m, r in zip(("dq", "dk", "dv"), mine, ref):
         assert m.dtype == r.dtype and m.shape == r.shape
@@ -142,21 +159,22 @@ def test_acausal_backward_matches_reference_autograd(dipole, mask):
         assert (mine[1].transpose(1, 2)[~kpm] == 0).all() and (mine[2].transpose(1, 2)[~kpm] == 0).all()
 
 
-def test_op_backward_goes_through_triton_when_it_can(monkeypatch):
-    """``torch.ops.muse.attention`` with impl="triton": the acausal backward runs the Triton backward (spied
-    on), the causal one recomputes through the reference; both equal autograd of the reference."""
+def test_op_backward_goes_through_triton(monkeypatch):
+    """``torch.ops.muse.attention`` with impl="triton" (interpreter): the op's backward runs the Triton
+    backward (spied on), acausal and causal, and equals autograd of the reference."""
     import muse_compile as mc
     calls = []
     orig = T.muse_attention_backward
     monkeypatch.setattr(T, "muse_attention_backward", lambda *a, **k: calls.append(1) or orig(*a, **k))
     q, k, v = _mixture(1, 2, 1, 64, 16, 16, seed=5)
+    q = q * 0.25          # moderate logits (see test_backward_matches_reference_autograd)
     dout = torch.randn(1, 2, 64, 16, generator=torch.Generator().manual_seed(1))
     for causal in (False, True):
         calls.clear()
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
         out = mc.multipole_attention(*leaves, causal=causal, clusters=4, block_size=16, impl="triton")
         got = torch.autograd.grad((out * dout).sum(), leaves)
-        assert len(calls) == (0 if causal else 1)
+        assert len(calls) == 1
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
         ref_out, _ = R.muse_attention(*leaves, causal=causal, clusters=4, block_size=16)
         ref = torch.autograd.grad((ref_out * dout).sum(), leaves)
