@@ -477,11 +477,6 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
 BACKWARD_ON_GPU = False
 
 
-def backward_supported(**_) -> bool:
-    """Whether ``muse_attention_backward`` takes the call (every call the Triton forward takes)."""
-    return True
-
-
 def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters=128, query_clusters=None,
                             dipole=True, kmeans_iters=2, block_size=256, key_padding_mask=None):
     """Gradients ``(dq, dk, dv)`` of the MuSe op (acausal or causal) on the Triton kernels.
