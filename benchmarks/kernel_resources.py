@@ -87,11 +87,12 @@ def main():
                    dict(CQ=C, CK=C, BCQ=C, BCK=C, BM=a.bm2, MERGE=False)),
         "stage2_bwd": (mod.stage2_bwd, types(Q=X, kt=S, vt=S, gsum=S, dout=X),
                        dict(CQ=C, CK=C, BCQ=C, BCK=C, BM=a.bm2, GLOBAL=True)),
-        "stage1_bwd": (mod.stage1_bwd, types(K=X, V=X), dict(CQ=C, CK=C, BCK=C, BA=a.ba, BN=a.bn1)),
+        # backward rows at the plan's backward tiles (KernelPlan.ba_stage1_bwd etc.)
+        "stage1_bwd": (mod.stage1_bwd, types(K=X, V=X), dict(CQ=C, CK=C, BCK=C, BA=32, BN=32)),
         "exact_causal_bwd_dkdv": (mod.exact_causal_bwd_dkdv, types(Q=X, K=X, V=X, valid_ptr="*u8", dout=X),
-                                  dict(BM=128, BN=64, HAS_VALID=False)),
+                                  dict(BM=64, BN=64, HAS_VALID=False)),
         "exact_causal_bwd_dq": (mod.exact_causal_bwd_dq, types(Q=X, K=X, V=X, valid_ptr="*u8", dout=X),
-                                dict(BM=128, BN=64, HAS_VALID=False)),
+                                dict(BM=64, BN=64, HAS_VALID=False)),
         "exact_causal": (mod.exact_causal, types(Q=X, K=X, V=X, out=X, valid_ptr="*u8"),
                          dict(BM=128, BN=64, HAS_VALID=False)),
     }

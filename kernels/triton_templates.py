@@ -28,6 +28,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _segment(cnt, row, c, C: tl.constexpr, BC: tl.constexpr):
+    """(size, start) of cluster c in a set sorted by cluster, from the set's C counts at cnt[row·C]."""
+    offs = tl.arange(0, BC)
+    cn = tl.load(cnt + row.to(tl.int64) * C + offs, mask=offs < C, other=0)
+    return tl.sum(tl.where(offs == c, cn, 0), 0), tl.sum(tl.where(offs < c, cn, 0), 0)
+
+
+@triton.jit
 def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums_out, cnt_out,
                 assign_out, pos_out, pbase_out, valid_ptr,
                 GS, P, LEN_TOT, OFF, PSTRIDE, L, HKV, TSTRIDE, NPROG,
@@ -179,11 +187,8 @@ def centroid_dir(X, scale_x, mu, sums, cnt, perm, qbar_out, u_out, GS, P, LEN_TO
     z = zp // P
     p = zp % P
     row0 = (z * GS + g).to(tl.int64) * LEN_TOT + OFF + p * PSTRIDE
-    offs_c = tl.arange(0, BC)
     wbase = s.to(tl.int64) * C
-    cn = tl.load(cnt + wbase + offs_c, mask=offs_c < C, other=0)
-    n_a = tl.sum(tl.where(offs_c == a, cn, 0), 0)
-    start = tl.sum(tl.where(offs_c < a, cn, 0), 0)
+    n_a, start = _segment(cnt, s, a, C, BC)
     offs_d = tl.arange(0, $BD)
     dmask = offs_d < $D
     rp = (wbase + a) * $BD + offs_d
@@ -239,8 +244,6 @@ def stage1(K, V, qbar, u, permk, cntk, kmu, kt_out, vt_out, beta_out, g_out, sig
     z = zp // P
     p = zp % P
     krow0 = z.to(tl.int64) * M_TOT + K_OFF + p * K_PSTRIDE
-    offs_ck = tl.arange(0, BCK)
-    cn = tl.load(cntk + zp.to(tl.int64) * CK + offs_ck, mask=offs_ck < CK, other=0)
     offs_d = tl.arange(0, $BD)
     dmask = offs_d < $D
     offs_v = tl.arange(0, $BDV)
@@ -256,8 +259,8 @@ def stage1(K, V, qbar, u, permk, cntk, kmu, kt_out, vt_out, beta_out, g_out, sig
         uu_c = uu.to($CDT)
     for jj in range(JB):
         j = tl.minimum(jb * JB + jj, CK - 1)   # a block past the last cluster redoes it (same values)
-        n_j = tl.sum(tl.where(offs_ck == j, cn, 0), 0)
-        pbase = zp.to(tl.int64) * LK + tl.sum(tl.where(offs_ck < j, cn, 0), 0)
+        n_j, start_j = _segment(cntk, zp, j, CK, BCK)
+        pbase = zp.to(tl.int64) * LK + start_j
         if $DIPOLE:
             # u·k is measured from u·μ_j (μ_j: the cluster's k-means centroid), so the tilted moments behind
             # g and σ do not cancel: E[w·u·k]² ≫ Var(u·k) for tight clusters, and 16-bit products lose Var
@@ -441,10 +444,7 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
     p = zp % P
     start_tok = A_OFF + p * A_PSTRIDE
     row0 = (z * G + gq).to(tl.int64) * N_TOT + start_tok
-    offs_c = tl.arange(0, BCQ)
-    cn = tl.load(cnt + s.to(tl.int64) * CQ + offs_c, mask=offs_c < CQ, other=0)
-    n_a = tl.sum(tl.where(offs_c == a, cn, 0), 0)
-    start = tl.sum(tl.where(offs_c < a, cn, 0), 0)
+    n_a, start = _segment(cnt, s, a, CQ, BCQ)
     if n_a > 0:
         offs_d = tl.arange(0, $BD)
         dmask = offs_d < $D
@@ -533,10 +533,7 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
     p = zp % P
     start_tok = A_OFF + p * A_PSTRIDE
     row0 = (z * G + gq).to(tl.int64) * N_TOT + start_tok
-    offs_c = tl.arange(0, BCQ)
-    cn = tl.load(cnt + s.to(tl.int64) * CQ + offs_c, mask=offs_c < CQ, other=0)
-    n_a = tl.sum(tl.where(offs_c == a, cn, 0), 0)
-    start = tl.sum(tl.where(offs_c < a, cn, 0), 0)
+    n_a, start = _segment(cnt, s, a, CQ, BCQ)
     offs_d = tl.arange(0, $BD)
     dmask = offs_d < $D
     offs_v = tl.arange(0, $BDV)
@@ -636,10 +633,8 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, dkt, dvt, dbeta, dg, dk_out, dv_out, 
     z = zp // P
     p = zp % P
     krow0 = z.to(tl.int64) * M_TOT + K_OFF + p * K_PSTRIDE
-    offs_ck = tl.arange(0, BCK)
-    cn = tl.load(cntk + zp.to(tl.int64) * CK + offs_ck, mask=offs_ck < CK, other=0)
-    n_j = tl.sum(tl.where(offs_ck == j, cn, 0), 0)
-    pbase = zp.to(tl.int64) * LK + tl.sum(tl.where(offs_ck < j, cn, 0), 0)
+    n_j, start_j = _segment(cntk, zp, j, CK, BCK)
+    pbase = zp.to(tl.int64) * LK + start_j
     offs_d = tl.arange(0, $BD)
     dmask = offs_d < $D
     offs_v = tl.arange(0, $BDV)
