@@ -477,6 +477,17 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
 BACKWARD_ON_GPU = False
 
 
+def backward_supported(q, k, v, *, causal=False, clusters=128, query_clusters=None, dipole=True, kmeans_iters=2,
+                       block_size=256, key_padding_mask=None, **_) -> bool:
+    """Whether ``muse_attention_backward`` can run this call: the forward takes it and the backward's tiles
+    fit the GPU (``KernelPlan.backward_fits``)."""
+    ok, _why = supports(q, k, v, causal=causal, key_padding_mask=key_padding_mask, clusters=clusters,
+                        query_clusters=query_clusters)
+    return ok and make_plan(q, k, v, causal=causal, clusters=clusters, query_clusters=query_clusters,
+                            dipole=dipole, kmeans_iters=kmeans_iters, block_size=block_size,
+                            key_padding_mask=key_padding_mask).backward_fits()
+
+
 def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters=128, query_clusters=None,
                             dipole=True, kmeans_iters=2, block_size=256, key_padding_mask=None):
     """Gradients ``(dq, dk, dv)`` of the MuSe op (acausal or causal) on the Triton kernels.
@@ -492,6 +503,10 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
     (float atomics in the k-means sums), like the reference recompute it replaces; the gradient is then the
     exact gradient of that clustering's MuSe.
     """
+    if not backward_supported(q, k, v, causal=causal, clusters=clusters, query_clusters=query_clusters,
+                              dipole=dipole, kmeans_iters=kmeans_iters, block_size=block_size,
+                              key_padding_mask=key_padding_mask):
+        raise ValueError("the Triton MuSe backward does not take this call (see backward_supported)")
     state: dict = {}
     out, lse = muse_attention(q, k, v, causal=causal, scale=scale, clusters=clusters, query_clusters=query_clusters,
                               dipole=dipole, kmeans_iters=kmeans_iters, block_size=block_size,

@@ -79,13 +79,24 @@ class KernelPlan:
     # needs 88 KiB (benchmarks/kernel_resources.py, triton 3.9, C=64, D=64)
     ba_stage1_bwd: int = 32
     bn_stage1_bwd: int = 32
-    # exact_causal_bwd_*: 64x64 tiles need 129 / 96 KiB of shared memory, 128x64 194 / 160 KiB (same source)
+    # exact_causal_bwd_*: 64x64 tiles need 129 / 96 KiB of shared memory at D = 64, 128x64 194 / 160 KiB;
+    # at D = 128, 64x64 needs 225 KiB (the limit is 227) and 32x64 177 KiB (same source)
     bm_exact_bwd: int = 64
     bn_exact_bwd: int = 64
 
     @property
     def groups(self) -> int:
         return self.heads // self.kv_heads
+
+    def backward_fits(self) -> bool:
+        """Whether the backward kernels' tiles fit an sm_90 SM's shared memory (227 KiB). Measured with
+        benchmarks/kernel_resources.py (triton 3.9): stage2_bwd holds a cluster's CK summaries in float32 and
+        needs 257 KiB at head dim 128 with 128 clusters (193 KiB at 64 clusters, 129 KiB at D = 64, C = 128).
+        The interpreter has no such limit."""
+        if self.spec.precision == "ieee":
+            return True
+        big = max(self.spec.bd, self.spec.bdv) >= 128
+        return not (big and any(max(lv.q_clusters, lv.k_clusters) > 64 for lv in self.levels))
 
     def kernels(self) -> List[str]:
         """Kernel launches in order (names of the generated functions)."""
@@ -209,7 +220,7 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
                       workspace_bytes=ws, jb_stage1=2 if interpret else 1,
-                      bm_exact_bwd=32 if interpret else 64, bn_exact_bwd=32 if interpret else 64)
+                      bm_exact_bwd=32 if interpret or big else 64, bn_exact_bwd=32 if interpret else 64)
 
 
 def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: int = 128,

@@ -112,9 +112,10 @@ def attention_forward(q, k, v, key_padding_mask, *, causal, scale, clusters, que
 def attention_backward(grad, q, k, v, key_padding_mask, **params):
     """Gradients ``(dq, dk, dv)`` of :func:`attention_forward`.
 
-    Uses the Triton backward (``triton_muse.muse_attention_backward``) when the forward ran on Triton (on
-    CUDA once it has been validated there: ``triton_muse.BACKWARD_ON_GPU``); otherwise recomputes the
-    forward with the (differentiable) reference under ``torch.enable_grad()`` and differentiates it.
+    Uses the Triton backward (``triton_muse.muse_attention_backward``) when the forward ran on Triton and
+    the backward takes the call (``triton_muse.backward_supported``; on CUDA once it has been validated
+    there: ``triton_muse.BACKWARD_ON_GPU``); otherwise recomputes the forward with the (differentiable)
+    reference under ``torch.enable_grad()`` and differentiates it.
     """
     min_context, impl = params["min_context"], params["impl"]
     if k.shape[2] >= min_context:
@@ -123,8 +124,9 @@ def attention_backward(grad, q, k, v, key_padding_mask, **params):
                                **plan_kw)
         if name == "triton":
             mod, _, _ = _triton_modules()
-            if not q.is_cuda or mod.BACKWARD_ON_GPU:
-                kw = {k_: v_ for k_, v_ in params.items() if k_ not in ("min_context", "impl")}
+            kw = {k_: v_ for k_, v_ in params.items() if k_ not in ("min_context", "impl")}
+            if (not q.is_cuda or mod.BACKWARD_ON_GPU) and mod.backward_supported(
+                    q, k, v, key_padding_mask=key_padding_mask, **kw):
                 return mod.muse_attention_backward(grad, q, k, v, key_padding_mask=key_padding_mask, **kw)
     from ._compat import autograd_inside_op
     with autograd_inside_op():

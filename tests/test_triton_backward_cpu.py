@@ -180,3 +180,12 @@ def test_op_backward_goes_through_triton(monkeypatch):
         ref = torch.autograd.grad((ref_out * dout).sum(), leaves)
         for m, r in zip(got, ref):
             assert _rel(m, r) < 1e-4
+
+
+def test_backward_fits_the_gpu_by_measured_shared_memory():
+    from muse_compile.lowering import plan as PL
+    kw = dict(batch=1, heads=2, kv_heads=1, n=8192, m=8192, dtype=torch.bfloat16, causal=False, interpret=False)
+    assert PL.plan(head_dim=64, value_dim=64, clusters=128, **kw).backward_fits()
+    assert PL.plan(head_dim=128, value_dim=128, clusters=64, **kw).backward_fits()
+    assert not PL.plan(head_dim=128, value_dim=128, clusters=128, **kw).backward_fits()
+    assert PL.plan(head_dim=128, value_dim=128, clusters=128, **dict(kw, interpret=True)).backward_fits()
