@@ -105,11 +105,14 @@ def main(argv=None):
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--rse-rows", type=int, default=256)
+    ap.add_argument("--backward", action="store_true",
+                    help="also time forward + backward: MuSe's Triton backward (called directly, whatever "
+                         "BACKWARD_ON_GPU says) vs cuDNN SDPA forward + backward")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from muse_compile.kernels.triton_muse import muse_attention, make_plan
+    from muse_compile.kernels.triton_muse import muse_attention, muse_attention_backward, make_plan
     from muse_compile.lowering.plan import describe
 
     os.makedirs(args.out, exist_ok=True)
@@ -189,6 +192,32 @@ def main(argv=None):
                     except Exception as e:
                         row["flex_ms"] = None
                         print("flex failed:", type(e).__name__, str(e)[:200])
+                if args.backward:
+                    dout = torch.randn_like(out)
+
+                    def muse_fb():
+                        muse_attention(q, k, v, **kw)
+                        return muse_attention_backward(dout, q, k, v, **kw)
+                    try:
+                        muse_fb()
+                        row["muse_fwd_bwd_ms"] = bench(muse_fb)
+                    except Exception as e:
+                        row["muse_fwd_bwd_ms"] = None
+                        print("muse backward failed:", type(e).__name__, str(e)[:200])
+                    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+                    try:
+                        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                            def cudnn_fb():
+                                o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+                                return torch.autograd.grad(o, (qg, kg, vg), dout)
+                            cudnn_fb()
+                            row["cudnn_fwd_bwd_ms"] = bench(cudnn_fb)
+                    except Exception as e:
+                        row["cudnn_fwd_bwd_ms"] = None
+                        print("cudnn backward failed:", type(e).__name__, str(e)[:200])
+                    if row.get("muse_fwd_bwd_ms") and row.get("cudnn_fwd_bwd_ms"):
+                        row["fwd_bwd_speedup_vs_cudnn"] = row["cudnn_fwd_bwd_ms"] / row["muse_fwd_bwd_ms"]
+                    del dout, qg, kg, vg
                 if row.get("cudnn_ms"):
                     row["speedup_vs_cudnn"] = row["cudnn_ms"] / row["muse_ms"]
                     if row.get("muse_graph_ms"):
@@ -211,6 +240,15 @@ def main(argv=None):
     print()
     print(f"device: {dev}; torch {torch.__version__}; B={B} H={H} bf16 forward; {meta['date']}")
     print(table(rows))
+    if args.backward:
+        print()
+        print("| N | D | causal | C | MuSe fwd+bwd ms | cuDNN fwd+bwd ms | speedup |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            f = lambda x, nd=3: "-" if x is None else f"{x:.{nd}f}"  # noqa: E731
+            print(f"| {r['N']} | {r['D']} | {'yes' if r['causal'] else 'no'} | {r['clusters']} | "
+                  f"{f(r.get('muse_fwd_bwd_ms'))} | {f(r.get('cudnn_fwd_bwd_ms'))} | "
+                  f"{f(r.get('fwd_bwd_speedup_vs_cudnn'), 2)} |")
 
 
 def table(rows):
