@@ -3,7 +3,7 @@
     python benchmarks/pretrain.py                          # defaults: 16k context, GPT 6x512 (8 heads of 64), H100-sized
     python benchmarks/pretrain.py --context 65536 --batch 1 --steps 300
     python benchmarks/pretrain.py --device cpu --context 256 --layers 2 --width 64 --heads 2 \\
-        --batch 2 --steps 6 --min-context 128 --clusters 4 --block-size 32 --compile none   # CPU smoke
+        --batch 2 --steps 6 --min-context 128 --clusters 2 --block-size 32 --compile none   # CPU smoke
 
 Two training runs with the same seed, the same initial weights and the same batches in the same order:
 

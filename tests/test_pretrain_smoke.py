@@ -113,8 +113,11 @@ def test_leakage_check_passes_causal_and_flags_leaks(P):
     assert not bad["passed"] and bad["prefix_max_abs_diff"] > 1e-3
     bad_muse = P.causal_leakage_check(m, toks, env=_LeakyMuse)
     assert not bad_muse["passed"]
+    # 1 cluster: the 64-token level runs MuSe under the schedule (exact below 64·C tokens)
+    from muse_compile.lowering.schedule import causal_schedule
+    assert any(not lv.exact for lv in causal_schedule(128, 16, 1))
     good_muse = P.causal_leakage_check(
-        m, toks, env=lambda: P.EagerMuseAttention(mc.Policy(min_context=64, clusters=4, block_size=16)))
+        m, toks, env=lambda: P.EagerMuseAttention(mc.Policy(min_context=64, clusters=1, block_size=16)))
     assert good_muse["passed"], good_muse
     cheat = P.causal_leakage_check(_NextTokenCheat(), toks)
     assert not cheat["passed"]
@@ -129,13 +132,15 @@ def test_random_token_check(P):
 
 _TOY = ["--device", "cpu", "--corpus", "stdlib", "--context", "256", "--layers", "1", "--width", "64", "--heads", "2",
         "--batch", "2", "--eval-every", "2", "--val-batches", "1", "--warmup-steps", "1", "--lr-warmup", "2",
-        "--clusters", "4", "--block-size", "64", "--threads", "1"]
+        "--clusters", "2", "--block-size", "64", "--threads", "1"]     # 2 clusters: the 128-token level is MuSe
 
 
 @pytest.mark.parametrize("compile_", ["aot_eager"])
 def test_pretrain_pipeline_cpu(P, tmp_path, compile_):
     """Both runs at toy size through mc.optimize (the real pass; "aot_eager" skips Inductor's codegen, which
     takes minutes on a CPU). ``--compile none`` (the eager route) is exercised by the test below."""
+    from muse_compile.lowering.schedule import causal_schedule
+    assert any(not lv.exact for lv in causal_schedule(256, 64, 2))     # the toy run has a MuSe level
     out = tmp_path / "out"
     P.main(_TOY + ["--steps", "4", "--min-context", "128", "--compile", compile_, "--out", str(out)])
     data = json.loads((out / "results.json").read_text())
