@@ -36,6 +36,24 @@ def _segment(cnt, row, c, C: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
+def _answer_rows(s, G, P, N_TOT, A_OFF, A_PSTRIDE):
+    """(problem zp, query head g, first query row) of answer set s = zp·G + g (stage 2 and its backward)."""
+    zp = s // G
+    gq = s % G
+    z = zp // P
+    p = zp % P
+    return zp, gq, (z * G + gq).to(tl.int64) * N_TOT + A_OFF + p * A_PSTRIDE
+
+
+@triton.jit
+def _dipole_scale(lam, s):
+    """λ = clamp(Σ dip·(exact − mono) / Σ dip², 0, 1) of query set s, from the guard's sums."""
+    num = tl.load(lam + 2 * s)
+    den = tl.load(lam + 2 * s + 1)
+    return tl.minimum(tl.maximum(tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0), 0.0), 1.0)
+
+
+@triton.jit
 def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums_out, cnt_out,
                 assign_out, pos_out, pbase_out, valid_ptr,
                 GS, P, LEN_TOT, OFF, PSTRIDE, L, HKV, TSTRIDE, NPROG,
@@ -438,12 +456,7 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
     positions, or log-sum-exp merged into the accumulators when MERGE (causal levels)."""
     s = tl.program_id(0)
     a = tl.program_id(1)
-    zp = s // G
-    gq = s % G
-    z = zp // P
-    p = zp % P
-    start_tok = A_OFF + p * A_PSTRIDE
-    row0 = (z * G + gq).to(tl.int64) * N_TOT + start_tok
+    zp, gq, row0 = _answer_rows(s, G, P, N_TOT, A_OFF, A_PSTRIDE)
     n_a, start = _segment(cnt, s, a, CQ, BCQ)
     if n_a > 0:
         offs_d = tl.arange(0, $BD)
@@ -462,10 +475,7 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
             gl = tl.load(gsum + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0)
             qb = tl.load(qbar + arow * $BD + offs_d)
             uu = tl.load(u + arow * $BD + offs_d)
-            num = tl.load(lam + 2 * s)
-            den = tl.load(lam + 2 * s + 1)
-            lm = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-            lm = tl.minimum(tl.maximum(lm, 0.0), 1.0)
+            lm = _dipole_scale(lam, s)
             sg = tl.load(sig + srow, mask=kmask, other=1.0)
             bnd = $TRUST / tl.maximum(sg, 1e-30)
         for t in range(0, n_a, BM):
@@ -527,12 +537,7 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
     program (acausal layout: P = 1, or disjoint causal answer sets)."""
     s = tl.program_id(0)
     a = tl.program_id(1)
-    zp = s // G
-    gq = s % G
-    z = zp // P
-    p = zp % P
-    start_tok = A_OFF + p * A_PSTRIDE
-    row0 = (z * G + gq).to(tl.int64) * N_TOT + start_tok
+    zp, gq, row0 = _answer_rows(s, G, P, N_TOT, A_OFF, A_PSTRIDE)
     n_a, start = _segment(cnt, s, a, CQ, BCQ)
     offs_d = tl.arange(0, $BD)
     dmask = offs_d < $D
@@ -553,10 +558,7 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
         gl = tl.load(gsum + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
         qb = tl.load(qbar + arow * $BD + offs_d)
         uu = tl.load(u + arow * $BD + offs_d)
-        num = tl.load(lam + 2 * s)
-        den = tl.load(lam + 2 * s + 1)
-        lm = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-        lm = tl.minimum(tl.maximum(lm, 0.0), 1.0)
+        lm = _dipole_scale(lam, s)
         sg = tl.load(sig + srow, mask=kmask, other=1.0)
         bnd = $TRUST / tl.maximum(sg, 1e-30)
         dgl = tl.zeros([BCK, $BDV], dtype=tl.float32)
