@@ -1,6 +1,7 @@
-"""Per-kernel GPU time of one MuSe forward (torch.profiler), optionally for several tuning overrides.
+"""Per-kernel GPU time of one MuSe forward (or, with ``--backward``, one Triton backward call, which re-runs
+the forward for the clustering) by torch.profiler, optionally for several tuning overrides.
 
-    python benchmarks/profile_muse.py --n 8192 --clusters 64 [--causal] [--tune '{"warps_stage": 4}' ...]
+    python benchmarks/profile_muse.py --n 8192 --clusters 64 [--causal] [--backward] [--tune '{"warps_stage": 4}' ...]
 """
 import argparse
 import json
@@ -16,6 +17,7 @@ def main():
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--no-dipole", action="store_true")
     ap.add_argument("--tune", nargs="*", default=["{}"])
+    ap.add_argument("--backward", action="store_true", help="profile muse_attention_backward instead")
     ap.add_argument("--per-launch", action="store_true", help="also list every launch of one call in order")
     ap.add_argument("--compact", action="store_true", help="one line of kernel times per variant")
     ap.add_argument("--graph", action="store_true", help="also time the call replayed from a CUDA graph")
@@ -34,7 +36,11 @@ def main():
         T.TUNE.clear()
         T.TUNE.update(json.loads(tune))
         kw = dict(causal=args.causal, clusters=args.clusters, dipole=not args.no_dipole)
-        fn = lambda: T.muse_attention(q, k, v, **kw)  # noqa: E731
+        if args.backward:
+            dout = torch.randn_like(q)
+            fn = lambda: T.muse_attention_backward(dout, q, k, v, **kw)  # noqa: E731
+        else:
+            fn = lambda: T.muse_attention(q, k, v, **kw)  # noqa: E731
         fn()
         torch.cuda.synchronize()
         ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -53,7 +59,7 @@ def main():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 name = e.name.split("(")[0][:40]
                 tot[name] = tot.get(name, 0.0) + e.device_time_total / 5 / 1000
-        print(f"== tune={tune} N={args.n} C={args.clusters} causal={args.causal}: {ms:.3f} ms (do_bench median), "
+        print(f"== tune={tune} N={args.n} C={args.clusters} causal={args.causal}{' backward' if args.backward else ''}: {ms:.3f} ms (do_bench median), "
               f"graph {gms:.3f} ms, kernel sum {sum(tot.values()):.3f} ms")
         if args.compact:
             print("   " + ", ".join(f"{name} {t:.4f}" for name, t in sorted(tot.items(), key=lambda x: -x[1])))

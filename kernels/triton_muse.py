@@ -282,8 +282,8 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
                               CQ=Cq, CK=Ck, BCQ=BCq, BCK=BCk, BM=pl.bm_stage2, MERGE=merge,
                               **kw_s2)
     # what the backward needs of this level (assignments, sort order, tilt points, directions, λ, summaries)
-    return dict(qassign=qassign, fcnt=qcnt[T], qperm=aperm, qcnt=acount, kperm=kperm, kcnt=kcnt[T], qbar=qbar,
-                u=u, lam=lam, kt=kt, vt=vt, beta=beta, gs=gs, sig=sig, NSq=NSq, NSk=NSk, Cq=Cq, Ck=Ck, A=A, P=P,
+    return dict(qassign=qassign, fcnt=qcnt[T], qperm=aperm, qcnt=acount, kperm=kperm, kcnt=kcnt[T], kmu=kmu[T],
+                qbar=qbar, u=u, lam=lam, kt=kt, vt=vt, beta=beta, gs=gs, sig=sig, NSq=NSq, NSk=NSk, Cq=Cq, Ck=Ck, A=A, P=P,
                 Lf=Lf, Lk=Lk, La=La, ans_off=lv.ans_off, ps=ps)
 
 
@@ -418,8 +418,8 @@ def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, 
     mod.stage2_bwd[(NS, Cq)](
         q.contiguous(), float(scale), perm, cnt, ktp, vtp, beta.to(f32).contiguous(), gp, sg, qb, uu, lam2,
         dout.contiguous(), lse_f, delta, dq, dkt, dvt, dbeta, dg, dqb,
-        G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2, GLOBAL=merged is not None,
-        num_warps=pl.warps_stage)
+        G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2_bwd,
+        GLOBAL=merged is not None, num_warps=pl.warps_bwd)
     grads = (dkt[..., :D], dvt[..., :Dv], dbeta, dg[..., :Dv] if dipole else None)
     return dq, grads, dqb[..., :D]
 
@@ -458,6 +458,10 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
     cntk = cntk[:, :Ck].to(torch.int32).contiguous()
     qb = pad(qbar, BD)
     uu = pad(u, BD) if dipole else qb
+    # per-cluster key means: stage 1's shift of u·k (any per-cluster shift gives the same gradient)
+    kmu = torch.zeros(Z, Ck + 1, BD, device=dev, dtype=f32)
+    kmu[..., :D].scatter_add_(1, ka[..., None].expand(Z, M, D), k.to(f32))
+    kmu = (kmu[:, :Ck] / cntk.to(f32).clamp(min=1)[..., None]).contiguous()
     dktp, dvtp = pad(dkt, BD), pad(dvt, BDV)
     dgp = pad(dg, BDV) if dipole else dvtp
     dk = torch.zeros(Z, M, D, device=dev, dtype=f32)
@@ -465,9 +469,9 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
     dqb = torch.zeros(Z, A, BD, device=dev, dtype=f32)
     BA = pl.ba_stage1_bwd
     mod.stage1_bwd[(Z, Ck, triton_cdiv(A, BA))](
-        k.contiguous(), v.contiguous(), qb, uu, permk, cntk, dktp, dvtp, dbeta.to(f32).contiguous(), dgp,
+        k.contiguous(), v.contiguous(), qb, uu, permk, cntk, kmu, dktp, dvtp, dbeta.to(f32).contiguous(), dgp,
         dk, dv, dqb, A, 1, M, 0, 0, M, CQ=1, CK=Ck, BCK=_pow2(Ck), BA=BA, BN=pl.bn_stage1_bwd,
-        num_warps=pl.warps_stage)
+        num_warps=pl.warps_bwd)
     return dk, dv, dqb[..., :D]
 
 
@@ -521,7 +525,7 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
     dq = torch.zeros(B, H, N, D, device=dev, dtype=f32)
     dk = torch.zeros(B, Hkv, M, D, device=dev, dtype=f32)
     dv = torch.zeros(B, Hkv, M, Dv, device=dev, dtype=f32)
-    kw = dict(num_warps=pl.warps_stage)
+    kw = dict(num_warps=pl.warps_bwd)
     if not causal:
         _level_backward(mod, pl, state, q, k, v, grad, None, None, dq, dk, dv, s, G, N, M, **kw)
     else:
@@ -557,9 +561,9 @@ def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N,
         q, s, st["qperm"], st["qcnt"], st["kt"], st["vt"], st["beta"], st["gs"], st["sig"], st["qbar"], st["u"],
         st["lam"], grad, lse if merged else dq, delta if merged else dq, dq, dkt, dvt, dbeta, dg, dqb,
         G, P, N, st["ans_off"], st["ps"], st["La"],
-        CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2, GLOBAL=merged, **kw)
+        CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2_bwd, GLOBAL=merged, **kw)
     mod.stage1_bwd[(NSk, Ck, triton_cdiv(A, pl.ba_stage1_bwd))](
-        k, v, st["qbar"], st["u"], st["kperm"], st["kcnt"], dkt, dvt, dbeta, dg, dk, dv, dqb,
+        k, v, st["qbar"], st["u"], st["kperm"], st["kcnt"], st["kmu"], dkt, dvt, dbeta, dg, dk, dv, dqb,
         G, P, M, 0, st["ps"], st["Lk"], CQ=Cq, CK=Ck, BCK=_pow2(Ck), BA=pl.ba_stage1_bwd, BN=pl.bn_stage1_bwd,
         **kw)
     # centroid step: q̄_a is the mean of its fit set's scaled queries (an empty cluster has no members).
@@ -574,4 +578,6 @@ def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N,
     ok = i[None, :] < torch.clamp(N - p * ps, max=Lf)[:, None]
     rows = ((z * G + g) * N + p * ps)[:, None] + i[None, :]
     contrib = torch.gather(per, 1, torch.where(ok, a, 0)[..., None].expand(NSq, Lf, D))
-    dq.view(-1, D).index_add_(0, rows[ok], contrib[ok])
+    # padding slots add zero to row 0 rather than being dropped by a boolean index (a host sync)
+    contrib = contrib * ok[..., None]
+    dq.view(-1, D).index_add_(0, torch.where(ok, rows, 0).flatten(), contrib.reshape(-1, D))

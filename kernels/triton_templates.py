@@ -54,6 +54,26 @@ def _dipole_scale(lam, s):
 
 
 @triton.jit
+def _mm(a, b):
+    """a @ b with float32 accumulation, for the backward kernels: with 16-bit inputs on the GPU the operands
+    are rounded to $CDT (as flash attention's backward rounds P and dS), else float32-accurate ($PREC32)."""
+    if $NATIVE:
+        return tl.dot(a.to($CDT), b.to($CDT))
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="$PREC32")
+
+
+@triton.jit
+def _rnd(x):
+    """x as ``_mm`` will see it: adjoints that enter both a product and a float32 expectation are rounded
+    once, so E_p[φ] and the per-key φ agree (their difference is the gradient)."""
+    if $NATIVE:
+        return x.to($CDT).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
 def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums_out, cnt_out,
                 assign_out, pos_out, pbase_out, valid_ptr,
                 GS, P, LEN_TOT, OFF, PSTRIDE, L, HKV, TSTRIDE, NPROG,
@@ -548,14 +568,14 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
     A = G * CQ
     arow = zp.to(tl.int64) * A + gq * CQ + a
     srow = arow * CK + offs_k
-    ktl = tl.load(kt + srow[:, None] * $BD + offs_d[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
-    vtl = tl.load(vt + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+    ktl = tl.load(kt + srow[:, None] * $BD + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    vtl = tl.load(vt + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0)
     bt = tl.load(beta + srow, mask=kmask, other=float("-inf"))
     dkt = tl.zeros([BCK, $BD], dtype=tl.float32)
     dvt = tl.zeros([BCK, $BDV], dtype=tl.float32)
     dbt = tl.zeros([BCK], dtype=tl.float32)
     if $DIPOLE:
-        gl = tl.load(gsum + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+        gl = tl.load(gsum + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0)
         qb = tl.load(qbar + arow * $BD + offs_d)
         uu = tl.load(u + arow * $BD + offs_d)
         lm = _dipole_scale(lam, s)
@@ -568,11 +588,9 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
         msk = offs < n_a
         idx = tl.load(perm + s.to(tl.int64) * LA + start + offs, mask=msk, other=0)
         rows = row0 + idx
-        qv = tl.load(Q + rows[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32) * scale_q
-        do = tl.load(dout + rows[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
-                     other=0.0).to(tl.float32)
-        sc = tl.dot(qv, tl.trans(ktl), input_precision="$PREC32") + bt[None, :]
+        qr = tl.load(Q + rows[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :], other=0.0)
+        do = tl.load(dout + rows[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :], other=0.0)
+        sc = _mm(qr, tl.trans(ktl)) * scale_q + bt[None, :]        # as stage 2 computed it
         if GLOBAL:
             lse_f = tl.load(lse_in + rows, mask=msk, other=float("-inf"))
             pr = tl.exp(sc - tl.where(lse_f > float("-inf"), lse_f, 0.0)[:, None])
@@ -582,25 +600,25 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
             l = tl.sum(pr, 1)
             pr = pr * tl.where(l > 0, 1.0 / tl.where(l > 0, l, 1.0), 0.0)[:, None]
         pr = tl.where(msk[:, None], pr, 0.0)
-        dp = tl.dot(do, tl.trans(vtl), input_precision="$PREC32")
+        dp = _mm(do, tl.trans(vtl))
         if $DIPOLE:
-            tt = tl.sum((qv - qb[None, :]) * uu[None, :], 1)
+            tt = tl.sum((qr.to(tl.float32) * scale_q - qb[None, :]) * uu[None, :], 1)
             cl = tl.minimum(tl.maximum(tt[:, None], -bnd[None, :]), bnd[None, :])
-            dgs = tl.dot(do, tl.trans(gl), input_precision="$PREC32")        # δ·g_j
+            dgs = _mm(do, tl.trans(gl))        # δ·g_j
             dp += lm * cl * dgs
             e = lm * pr * dgs
             inside = (tt[:, None] < bnd[None, :]) & (tt[:, None] > -bnd[None, :])
             dtt = tl.sum(tl.where(inside, e, 0.0), 1)
-            dgl += tl.dot(tl.trans(lm * pr * cl), do, input_precision="$PREC32")
+            dgl += _mm(tl.trans(lm * pr * cl), do)
             dt_sum += tl.sum(dtt, 0)
         if GLOBAL:
             dl = pr * (dp - tl.load(delta_in + rows, mask=msk, other=0.0)[:, None])
         else:
             dl = pr * (dp - tl.sum(pr * dp, 1)[:, None])
-        dvt += tl.dot(tl.trans(pr), do, input_precision="$PREC32")
-        dkt += tl.dot(tl.trans(dl), qv, input_precision="$PREC32")
+        dvt += _mm(tl.trans(pr), do)
+        dkt += _mm(tl.trans(dl), qr) * scale_q
         dbt += tl.sum(dl, 0)
-        dq = tl.dot(dl, ktl, input_precision="$PREC32")
+        dq = _mm(dl, ktl)
         if $DIPOLE:
             dq += dtt[:, None] * uu[None, :]
         # added to what is there: the exact part and other causal levels write the same rows (other launches)
@@ -616,7 +634,7 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
 
 
 @triton.jit
-def stage1_bwd(K, V, qbar, u, permk, cntk, dkt, dvt, dbeta, dg, dk_out, dv_out, dqbar_out,
+def stage1_bwd(K, V, qbar, u, permk, cntk, kmu, dkt, dvt, dbeta, dg, dk_out, dv_out, dqbar_out,
                G, P, M_TOT, K_OFF, K_PSTRIDE, LK,
                CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr, BA: tl.constexpr, BN: tl.constexpr):
     """Backward of ``stage1`` for one (problem, key cluster j, block of BA query centroids).
@@ -646,32 +664,34 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, dkt, dvt, dbeta, dg, dk_out, dv_out, 
     amask = offs_a < A
     arow = zp.to(tl.int64) * A + offs_a
     qb = tl.load(qbar + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
-    # pass 1: the tilted moments (online max; fp32)
+    # pass 1: the tilted moments (online max; fp32 accumulation), as stage 1 computed them
     m = tl.full([BA], float("-inf"), tl.float32)
     l = tl.zeros([BA], dtype=tl.float32)
     mk = tl.zeros([BA, $BD], dtype=tl.float32)
     mv = tl.zeros([BA, $BDV], dtype=tl.float32)
     if $DIPOLE:
         uu = tl.load(u + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
+        # r = u·k − u·μ_j, stage 1's shifted projection (g is shift-invariant; the shift keeps E[w r v] small)
+        shift = tl.sum(uu * tl.load(kmu + (zp.to(tl.int64) * CK + j) * $BD + offs_d)[None, :], 1)
         mrv = tl.zeros([BA, $BDV], dtype=tl.float32)
     for t in range(0, n_j, BN):
         offs = t + tl.arange(0, BN)
         msk = offs < n_j
         idx = tl.load(permk + pbase + offs, mask=msk, other=0)
         kc = tl.load(K + (krow0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
+                     other=0.0)
         vc = tl.load(V + (krow0 + idx)[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
-                     other=0.0).to(tl.float32)
-        sc = tl.where(msk[None, :], tl.dot(qb, tl.trans(kc), input_precision="$PREC32"), float("-inf"))
+                     other=0.0)
+        sc = tl.where(msk[None, :], _mm(qb, tl.trans(kc)), float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 1))
         alpha = tl.exp(m - m_new)
         w = tl.exp(sc - m_new[:, None])
         l = l * alpha + tl.sum(w, 1)
-        mk = mk * alpha[:, None] + tl.dot(w, kc, input_precision="$PREC32")
-        mv = mv * alpha[:, None] + tl.dot(w, vc, input_precision="$PREC32")
+        mk = mk * alpha[:, None] + _mm(w, kc)
+        mv = mv * alpha[:, None] + _mm(w, vc)
         if $DIPOLE:
-            r = tl.dot(uu, tl.trans(kc), input_precision="$PREC32")
-            mrv = mrv * alpha[:, None] + tl.dot(w * r, vc, input_precision="$PREC32")
+            r = _mm(uu, tl.trans(kc)) - shift[:, None]
+            mrv = mrv * alpha[:, None] + _mm(w * r, vc)
         m = m_new
     ne = l > 0
     inv = tl.where(ne, 1.0 / tl.where(ne, l, 1.0), 0.0)
@@ -683,15 +703,17 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, dkt, dvt, dbeta, dg, dk_out, dv_out, 
     db = tl.load(dbeta + orow, mask=amask & ne, other=0.0)
     dmk = dk_t - db[:, None] * qb
     dmv = dv_t
-    phibar = tl.sum(dmk * mk, 1)
     if $DIPOLE:
         mrv = mrv * inv[:, None]
-        dgl = tl.load(dg + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None], other=0.0)
-        ukt = tl.sum(uu * mk, 1)
+        dgl = _rnd(tl.load(dg + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None], other=0.0))
+        ukt = tl.sum(uu * mk, 1) - shift
         dmk -= tl.sum(dgl * mv, 1)[:, None] * uu
         dmv -= ukt[:, None] * dgl
-        phibar = tl.sum(dmk * mk, 1) + tl.sum(dgl * mrv, 1)
-    phibar += tl.sum(dmv * mv, 1)
+    dmk = _rnd(dmk)
+    dmv = _rnd(dmv)
+    phibar = tl.sum(dmk * mk, 1) + tl.sum(dmv * mv, 1)
+    if $DIPOLE:
+        phibar += tl.sum(dgl * mrv, 1)
     m0 = tl.where(ne, m, 0.0)
     # pass 2: per-key gradients and dq̄
     dqb = tl.zeros([BA, $BD], dtype=tl.float32)
@@ -700,25 +722,23 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, dkt, dvt, dbeta, dg, dk_out, dv_out, 
         msk = offs < n_j
         idx = tl.load(permk + pbase + offs, mask=msk, other=0)
         kc = tl.load(K + (krow0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
+                     other=0.0)
         vc = tl.load(V + (krow0 + idx)[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
-                     other=0.0).to(tl.float32)
-        sc = tl.dot(qb, tl.trans(kc), input_precision="$PREC32")
+                     other=0.0)
+        sc = _mm(qb, tl.trans(kc))
         pk = tl.where(msk[None, :] & ne[:, None], tl.exp(sc - m0[:, None]) * inv[:, None], 0.0)   # [BA, BN]
-        phi = tl.dot(dmk, tl.trans(kc), input_precision="$PREC32") + tl.dot(dmv, tl.trans(vc),
-                                                                              input_precision="$PREC32")
+        phi = _mm(dmk, tl.trans(kc)) + _mm(dmv, tl.trans(vc))
         if $DIPOLE:
-            r = tl.dot(uu, tl.trans(kc), input_precision="$PREC32")
-            gv = tl.dot(dgl, tl.trans(vc), input_precision="$PREC32")              # dM_rv·v_k
+            r = _mm(uu, tl.trans(kc)) - shift[:, None]
+            gv = _mm(dgl, tl.trans(vc))              # dM_rv·v_k
             phi += r * gv
         pd = pk * (phi - phibar[:, None])
-        dqb += tl.dot(pd, kc, input_precision="$PREC32")
-        dkk = tl.dot(tl.trans(pd + pk * db[:, None]), qb, input_precision="$PREC32") \
-            + tl.dot(tl.trans(pk), dmk, input_precision="$PREC32")
-        dvv = tl.dot(tl.trans(pk), dmv, input_precision="$PREC32")
+        dqb += _mm(pd, kc)
+        dkk = _mm(tl.trans(pd + pk * db[:, None]), qb) + _mm(tl.trans(pk), dmk)
+        dvv = _mm(tl.trans(pk), dmv)
         if $DIPOLE:
-            dkk += tl.dot(tl.trans(pk * gv), uu, input_precision="$PREC32")
-            dvv += tl.dot(tl.trans(pk * r), dgl, input_precision="$PREC32")
+            dkk += _mm(tl.trans(pk * gv), uu)
+            dvv += _mm(tl.trans(pk * r), dgl)
         tl.atomic_add(dk_out + (krow0 + idx)[:, None] * $D + offs_d[None, :], dkk,
                       mask=msk[:, None] & dmask[None, :])
         tl.atomic_add(dv_out + (krow0 + idx)[:, None] * $DV + offs_v[None, :], dvv,
@@ -761,17 +781,17 @@ def exact_causal_bwd_dkdv(Q, K, V, scale_q, valid_ptr, dout, lse_in, delta_in, d
             qv = tl.load(Q + (qrow0 + offs_m)[:, None] * $D + offs_d[None, :],
                          mask=mmask[:, None] & dmask[None, :], other=0.0)
             do = tl.load(dout + (qrow0 + offs_m)[:, None] * $DV + offs_v[None, :],
-                         mask=mmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+                         mask=mmask[:, None] & vmask[None, :], other=0.0)
             lse = tl.load(lse_in + qrow0 + offs_m, mask=mmask, other=float("-inf"))
             dlt = tl.load(delta_in + qrow0 + offs_m, mask=mmask, other=0.0)
-            sc = tl.dot(qv.to(tl.float32), tl.trans(kc.to(tl.float32)), input_precision="$PREC32") * scale_q
+            sc = _mm(qv, tl.trans(kc)) * scale_q
             ok = (offs_n[None, :] <= offs_m[:, None]) & (kchunk[None, :] == ((offs_m // E) * E)[:, None]) \
                 & kok[None, :] & mmask[:, None] & (lse > float("-inf"))[:, None]
             pr = tl.exp(tl.where(ok, sc - tl.where(lse > float("-inf"), lse, 0.0)[:, None], float("-inf")))
-            dv += tl.dot(tl.trans(pr), do, input_precision="$PREC32")
-            dp = tl.dot(do, tl.trans(vc.to(tl.float32)), input_precision="$PREC32")
+            dv += _mm(tl.trans(pr), do)
+            dp = _mm(do, tl.trans(vc))
             ds = pr * (dp - dlt[:, None])
-            dk += tl.dot(tl.trans(ds), qv.to(tl.float32), input_precision="$PREC32") * scale_q
+            dk += _mm(tl.trans(ds), qv) * scale_q
     kp = dk_out + krow[:, None] * $D + offs_d[None, :]
     km = nmask[:, None] & dmask[None, :]
     tl.store(kp, tl.load(kp, mask=km, other=0.0) + dk, mask=km)
@@ -797,8 +817,7 @@ def exact_causal_bwd_dq(Q, K, V, scale_q, valid_ptr, dout, lse_in, delta_in, dq_
     vmask = offs_v < $DV
     qrow = zg.to(tl.int64) * N + offs_m
     qv = tl.load(Q + qrow[:, None] * $D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
-    do = tl.load(dout + qrow[:, None] * $DV + offs_v[None, :], mask=mmask[:, None] & vmask[None, :],
-                 other=0.0).to(tl.float32)
+    do = tl.load(dout + qrow[:, None] * $DV + offs_v[None, :], mask=mmask[:, None] & vmask[None, :], other=0.0)
     lse = tl.load(lse_in + qrow, mask=mmask, other=float("-inf"))
     dlt = tl.load(delta_in + qrow, mask=mmask, other=0.0)
     qchunk = (offs_m // E) * E
@@ -817,11 +836,11 @@ def exact_causal_bwd_dq(Q, K, V, scale_q, valid_ptr, dout, lse_in, delta_in, dq_
             & (lse > float("-inf"))[:, None]
         if HAS_VALID:
             ok = ok & (tl.load(valid_ptr + b.to(tl.int64) * N + offs_n, mask=nmask, other=0) != 0)[None, :]
-        sc = tl.dot(qv.to(tl.float32), tl.trans(kc.to(tl.float32)), input_precision="$PREC32") * scale_q
+        sc = _mm(qv, tl.trans(kc)) * scale_q
         pr = tl.exp(tl.where(ok, sc - tl.where(lse > float("-inf"), lse, 0.0)[:, None], float("-inf")))
-        dp = tl.dot(do, tl.trans(vc.to(tl.float32)), input_precision="$PREC32")
+        dp = _mm(do, tl.trans(vc))
         ds = pr * (dp - dlt[:, None])
-        dq += tl.dot(ds, kc.to(tl.float32), input_precision="$PREC32") * scale_q
+        dq += _mm(ds, kc) * scale_q
     qp = dq_out + qrow[:, None] * $D + offs_d[None, :]
     qm = mmask[:, None] & dmask[None, :]
     tl.store(qp, tl.load(qp, mask=qm, other=0.0) + dq, mask=qm)

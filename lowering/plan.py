@@ -75,28 +75,34 @@ class KernelPlan:
     warps_stage2: int = 0             # 0: warps_stage
     warps_exact: int = 0              # 0: warps
     overlap: bool = True              # key side / exact part on side streams, concurrent with the query side
-    # backward (float32 products): BA=64, BN=64 needs 320 KiB of shared memory in stage1_bwd on sm_90; 32/32
-    # needs 88 KiB (benchmarks/kernel_resources.py, triton 3.9, C=64, D=64)
+    # backward tiles. Shared memory on sm_90 (benchmarks/kernel_resources.py, triton 3.6 as on the device
+    # machine, 8 warps): with 16-bit products stage1_bwd (32/32) needs 28 KiB at D = 64, the exact kernels
+    # 41 / 32 KiB; with float32 (tf32x3) products 144, 193 and 160 KiB.
     ba_stage1_bwd: int = 32
     bn_stage1_bwd: int = 32
-    # exact_causal_bwd_*: 64x64 tiles need 129 / 96 KiB of shared memory at D = 64, 128x64 194 / 160 KiB;
-    # at D = 128, 64x64 needs 225 KiB (the limit is 227) and 32x64 177 KiB (same source)
     bm_exact_bwd: int = 64
     bn_exact_bwd: int = 64
+    bm_stage2_bwd: int = 64           # float32 products: 32 (stage2_bwd at C = 64: 177 KiB; 64 rows overflow)
+    warps_bwd: int = 8                # 4 warps spill in every backward kernel at D = 64 (sm_90, AOT)
 
     @property
     def groups(self) -> int:
         return self.heads // self.kv_heads
 
     def backward_fits(self) -> bool:
-        """Whether the backward kernels' tiles fit an sm_90 SM's shared memory (227 KiB). Measured with
-        benchmarks/kernel_resources.py (triton 3.9): stage2_bwd holds a cluster's CK summaries in float32 and
-        needs 257 KiB at head dim 128 with 128 clusters (193 KiB at 64 clusters, 129 KiB at D = 64, C = 128).
-        The interpreter has no such limit."""
+        """Whether the backward kernels' tiles fit an sm_90 SM's shared memory (227 KiB). stage2_bwd holds
+        one query cluster's CK summaries, so its need grows with CK × head dim. Measured with
+        benchmarks/kernel_resources.py (triton 3.6, the device machine's): 16-bit products need 161 KiB at
+        D = 128, C = 128 and 145 KiB at D = 64, C = 256; float32 products (tf32x3) 177 KiB at D = 64, C = 64
+        and 320 KiB at C = 128, and at D = 128 the exact and stage-1 kernels overflow at any C. The interpreter
+        has no such limit."""
         if self.spec.precision == "ieee":
             return True
-        big = max(self.spec.bd, self.spec.bdv) >= 128
-        return not (big and any(max(lv.q_clusters, lv.k_clusters) > 64 for lv in self.levels))
+        width = max(self.spec.bd, self.spec.bdv)
+        ck = max(_pow2(lv.k_clusters) for lv in self.levels) if self.levels else 0
+        if self.spec.native:
+            return width <= 128 and ck * width <= 128 * 128
+        return width <= 64 and ck <= 64
 
     def kernels(self) -> List[str]:
         """Kernel launches in order (names of the generated functions)."""
@@ -220,7 +226,8 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
                       workspace_bytes=ws, jb_stage1=2 if interpret else 1,
-                      bm_exact_bwd=32 if interpret or big else 64, bn_exact_bwd=32 if interpret else 64)
+                      bm_exact_bwd=32 if interpret or big else 64, bn_exact_bwd=32 if interpret else 64,
+                      bm_stage2_bwd=32 if interpret or not spec.native else 64, warps_bwd=4 if interpret else 8)
 
 
 def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: int = 128,

@@ -170,4 +170,5 @@ def test_backward_matches_reference(dtype, tol, causal):
         m = m.float()
         assert torch.isfinite(m).all(), name
         cos = torch.nn.functional.cosine_similarity(m.flatten(), r.flatten(), dim=0).item()
+        print(f"backward {dtype} causal={causal} {name}: rel {_rel(m, r):.2e} cos {cos:.6f}")
         assert _rel(m, r) <= tol and cos >= 0.99, (name, _rel(m, r), cos)
