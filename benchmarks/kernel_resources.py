@@ -52,6 +52,8 @@ def main():
     ap.add_argument("--bn1", type=int, default=64)
     ap.add_argument("--bm2", type=int, default=64)
     ap.add_argument("--bnk", type=int, default=128)
+    ap.add_argument("--ba-bwd", type=int, default=64)
+    ap.add_argument("--bn-bwd", type=int, default=64)
     ap.add_argument("--only", default="")
     a = ap.parse_args()
     native = a.dtype != "fp32"
@@ -88,7 +90,8 @@ def main():
         "stage2_bwd": (mod.stage2_bwd, types(Q=X, kt=S, vt=S, gsum=S, dout=X),
                        dict(CQ=C, CK=C, BCQ=C, BCK=C, BM=a.bm2, GLOBAL=True)),
         # backward rows at the plan's backward tiles (KernelPlan.ba_stage1_bwd etc.)
-        "stage1_bwd": (mod.stage1_bwd, types(K=X, V=X), dict(CQ=C, CK=C, BCK=C, BA=32, BN=32)),
+        "stage1_bwd": (mod.stage1_bwd, types(K=X, V=X), dict(CQ=C, CK=C, BCK=C, BA=a.ba_bwd, BN=a.bn_bwd,
+                                                             KV_ATOMIC=False)),
         "exact_causal_bwd_dkdv": (mod.exact_causal_bwd_dkdv, types(Q=X, K=X, V=X, valid_ptr="*u8", dout=X),
                                   dict(BM=64, BN=64, HAS_VALID=False)),
         "exact_causal_bwd_dq": (mod.exact_causal_bwd_dq, types(Q=X, K=X, V=X, valid_ptr="*u8", dout=X),

@@ -471,7 +471,7 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
     mod.stage1_bwd[(Z, Ck, triton_cdiv(A, BA))](
         k.contiguous(), v.contiguous(), qb, uu, permk, cntk, kmu, dktp, dvtp, dbeta.to(f32).contiguous(), dgp,
         dk, dv, dqb, A, 1, M, 0, 0, M, CQ=1, CK=Ck, BCK=_pow2(Ck), BA=BA, BN=pl.bn_stage1_bwd,
-        num_warps=pl.warps_bwd)
+        KV_ATOMIC=A > BA, num_warps=pl.warps_bwd)
     return dk, dv, dqb[..., :D]
 
 
@@ -530,17 +530,61 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
         _level_backward(mod, pl, state, q, k, v, grad, None, None, dq, dk, dv, s, G, N, M, **kw)
     else:
         delta = (grad.to(f32) * out.to(f32)).sum(-1).contiguous()
-        BM, BN = pl.bm_exact_bwd, pl.bn_exact_bwd
-        vp = valid if valid is not None else q
-        mod.exact_causal_bwd_dkdv[(B * Hkv, triton_cdiv(N, BN))](
-            q, k, v, s, vp, grad, lse, delta, dk, dv, G, Hkv, N, pl.exact_chunk,
-            BM=BM, BN=BN, HAS_VALID=valid is not None, **kw)
-        mod.exact_causal_bwd_dq[(B * H, triton_cdiv(N, BM))](
-            q, k, v, s, vp, grad, lse, delta, dq, G, Hkv, N, pl.exact_chunk,
-            BM=BM, BN=BN, HAS_VALID=valid is not None, **kw)
+        if not _exact_backward_flash(grad, q, k, v, out, lse, s, pl.exact_chunk, valid, dq, dk, dv):
+            BM, BN = pl.bm_exact_bwd, pl.bn_exact_bwd
+            vp = valid if valid is not None else q
+            mod.exact_causal_bwd_dkdv[(B * Hkv, triton_cdiv(N, BN))](
+                q, k, v, s, vp, grad, lse, delta, dk, dv, G, Hkv, N, pl.exact_chunk,
+                BM=BM, BN=BN, HAS_VALID=valid is not None, **kw)
+            mod.exact_causal_bwd_dq[(B * H, triton_cdiv(N, BM))](
+                q, k, v, s, vp, grad, lse, delta, dq, G, Hkv, N, pl.exact_chunk,
+                BM=BM, BN=BN, HAS_VALID=valid is not None, **kw)
         for st in state["levels"]:
             _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N, M, **kw)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# The exact causal part's backward through the flash-attention backward kernel (torch's
+# aten._scaled_dot_product_flash_attention_backward) where it applies; the Triton exact_causal_bwd_* kernels
+# otherwise. Off: always the Triton kernels.
+EXACT_BWD_FLASH = True
+_FLASH_ARGS: dict = {}
+
+
+def _exact_backward_flash(grad, q, k, v, out, lse, scale, E, valid, dq, dk, dv) -> bool:
+    """Adds the exact part's gradients (causal attention inside aligned chunks of E tokens) to dq, dk, dv
+    (float32) with the flash-attention backward; returns False, having done nothing, where that kernel does not
+    apply (no CUDA, not 16-bit, a padding mask, N not a multiple of E, unequal or unsupported head dims).
+
+    The backward of one softmax over all parts' keys needs P = exp(s − L) with the final log-sum-exp L and
+    D = dO·o with the final output o: passing (o, L) as the "output" and "logsumexp" of each chunk's attention
+    gives exactly that (the flash backward computes P and D from them, never from its own forward). Each chunk
+    is one sequence of a batch of B·H·N/E (a view; keys and values are repeated over the G query heads)."""
+    B, H, N, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    if not (EXACT_BWD_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and valid is None
+            and E > 0 and N % E == 0 and D == Dv and D % 8 == 0 and D <= 256):
+        return False
+    G, nc = H // Hkv, N // E
+    key = (q.device, q.dtype, D)
+    if key not in _FLASH_ARGS:
+        # the non-varlen, no-dropout forward's bookkeeping outputs, as autograd hands them to the backward
+        t = torch.zeros(1, 1, 16, D, device=q.device, dtype=q.dtype)
+        r = torch.ops.aten._scaled_dot_product_flash_attention(t, t, t, 0.0, True, False, scale=1.0)
+        _FLASH_ARGS[key] = (r[2], r[3], r[6], r[7])
+    cq, ck, seed, off = _FLASH_ARGS[key]
+
+    def chunks(t):
+        return t.reshape(-1, 1, E, t.shape[-1])
+
+    kk, vv = (k, v) if G == 1 else (k.repeat_interleave(G, 1), v.repeat_interleave(G, 1))
+    gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        chunks(grad), chunks(q), chunks(kk), chunks(vv), chunks(out), lse.reshape(-1, 1, E).contiguous(),
+        cq, ck, E, E, 0.0, True, seed, off, scale=float(scale))
+    dq.add_(gq.view(B, H, N, D))
+    dk.add_(gk.view(B, Hkv, G, N, D).sum(2))
+    dv.add_(gv.view(B, Hkv, G, N, Dv).sum(2))
+    return True
 
 
 def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N, M, **kw):
@@ -551,11 +595,12 @@ def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N,
     D = q.shape[-1]
     dev, f32 = q.device, torch.float32
     n_sum = NSk * A * Ck
-    dkt = torch.zeros(n_sum * BD, device=dev, dtype=f32)
-    dvt = torch.zeros(n_sum * BDV, device=dev, dtype=f32)
-    dbeta = torch.zeros(n_sum, device=dev, dtype=f32)
-    dg = torch.zeros(n_sum * BDV, device=dev, dtype=f32) if pl.spec.dipole else dvt
-    dqb = torch.zeros(NSq * Cq * BD, device=dev, dtype=f32)
+    # stage2_bwd writes every summary row's gradient (and, with the dipole, every dq̄ row): no zero fill
+    dkt = torch.empty(n_sum * BD, device=dev, dtype=f32)
+    dvt = torch.empty(n_sum * BDV, device=dev, dtype=f32)
+    dbeta = torch.empty(n_sum, device=dev, dtype=f32)
+    dg = torch.empty(n_sum * BDV, device=dev, dtype=f32) if pl.spec.dipole else dvt
+    dqb = (torch.empty if pl.spec.dipole else torch.zeros)(NSq * Cq * BD, device=dev, dtype=f32)
     merged = lse is not None
     mod.stage2_bwd[(NSq, Cq)](
         q, s, st["qperm"], st["qcnt"], st["kt"], st["vt"], st["beta"], st["gs"], st["sig"], st["qbar"], st["u"],
@@ -565,7 +610,7 @@ def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N,
     mod.stage1_bwd[(NSk, Ck, triton_cdiv(A, pl.ba_stage1_bwd))](
         k, v, st["qbar"], st["u"], st["kperm"], st["kcnt"], st["kmu"], dkt, dvt, dbeta, dg, dk, dv, dqb,
         G, P, M, 0, st["ps"], st["Lk"], CQ=Cq, CK=Ck, BCK=_pow2(Ck), BA=pl.ba_stage1_bwd, BN=pl.bn_stage1_bwd,
-        **kw)
+        KV_ATOMIC=A > pl.ba_stage1_bwd, **kw)
     # centroid step: q̄_a is the mean of its fit set's scaled queries (an empty cluster has no members).
     # Fit token i of set sq = (z·P + p)·G + g is query row (z·G + g)·N + p·ps + i, for i < the pair's length.
     Lf, ps = st["Lf"], st["ps"]

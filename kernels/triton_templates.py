@@ -636,7 +636,8 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
 @triton.jit
 def stage1_bwd(K, V, qbar, u, permk, cntk, kmu, dkt, dvt, dbeta, dg, dk_out, dv_out, dqbar_out,
                G, P, M_TOT, K_OFF, K_PSTRIDE, LK,
-               CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr, BA: tl.constexpr, BN: tl.constexpr):
+               CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr, BA: tl.constexpr, BN: tl.constexpr,
+               KV_ATOMIC: tl.constexpr):
     """Backward of ``stage1`` for one (problem, key cluster j, block of BA query centroids).
 
     The summaries are tilted moments: with p_k ∝ exp(q̄·k) over the cluster's keys, k̃ = E_p[k], ṽ = E_p[v],
@@ -646,7 +647,8 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, kmu, dkt, dvt, dbeta, dg, dk_out, dv_
     dq̄ = Σ_k p_k (φ_k − Φ̄) k, dk_k = (p_k (φ_k − Φ̄) + p_k dβ) q̄ + p_k dM_k + p_k (dM_rv·v_k) u,
     dv_k = p_k (dM_v + r_k dM_rv). u and σ are constants, as in the reference. Pass 1 recomputes the moments
     (as ``stage1``), pass 2 accumulates; dk, dv, dq̄ are float32 and added with atomics (other centroid
-    blocks and key clusters add to the same rows)."""
+    blocks and key clusters add to the same rows; dk and dv without atomics when one block holds all
+    centroids, KV_ATOMIC false)."""
     zp = tl.program_id(0)
     j = tl.program_id(1)
     blk = tl.program_id(2)
@@ -739,10 +741,16 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, kmu, dkt, dvt, dbeta, dg, dk_out, dv_
         if $DIPOLE:
             dkk += _mm(tl.trans(pk * gv), uu)
             dvv += _mm(tl.trans(pk * r), dgl)
-        tl.atomic_add(dk_out + (krow0 + idx)[:, None] * $D + offs_d[None, :], dkk,
-                      mask=msk[:, None] & dmask[None, :])
-        tl.atomic_add(dv_out + (krow0 + idx)[:, None] * $DV + offs_v[None, :], dvv,
-                      mask=msk[:, None] & vmask[None, :])
+        kp = dk_out + (krow0 + idx)[:, None] * $D + offs_d[None, :]
+        km = msk[:, None] & dmask[None, :]
+        vp = dv_out + (krow0 + idx)[:, None] * $DV + offs_v[None, :]
+        vm = msk[:, None] & vmask[None, :]
+        if KV_ATOMIC:
+            tl.atomic_add(kp, dkk, mask=km)
+            tl.atomic_add(vp, dvv, mask=vm)
+        else:       # one centroid block: this program is the launch's only writer of these key rows
+            tl.store(kp, tl.load(kp, mask=km, other=0.0) + dkk, mask=km)
+            tl.store(vp, tl.load(vp, mask=vm, other=0.0) + dvv, mask=vm)
     tl.atomic_add(dqbar_out + arow[:, None] * $BD + offs_d[None, :], dqb, mask=amask[:, None])
 
 

@@ -76,10 +76,11 @@ class KernelPlan:
     warps_exact: int = 0              # 0: warps
     overlap: bool = True              # key side / exact part on side streams, concurrent with the query side
     # backward tiles. Shared memory on sm_90 (benchmarks/kernel_resources.py, triton 3.6 as on the device
-    # machine, 8 warps): with 16-bit products stage1_bwd (32/32) needs 28 KiB at D = 64, the exact kernels
-    # 41 / 32 KiB; with float32 (tf32x3) products 144, 193 and 160 KiB.
-    ba_stage1_bwd: int = 32
-    bn_stage1_bwd: int = 32
+    # machine, 8 warps): with 16-bit products stage1_bwd (64/64) needs 96 KiB at D = 64 and 192 KiB at
+    # D = 128, the exact kernels 41 / 32 KiB at D = 64; with float32 (tf32x3) products stage1_bwd (32/32)
+    # 144 KiB and the exact kernels 193 / 160 KiB.
+    ba_stage1_bwd: int = 64           # all of A = G·Cq in one block where it fits: dk, dv without atomics
+    bn_stage1_bwd: int = 64
     bm_exact_bwd: int = 64
     bn_exact_bwd: int = 64
     bm_stage2_bwd: int = 64           # float32 products: 32 (stage2_bwd at C = 64: 177 KiB; 64 rows overflow)
@@ -227,7 +228,9 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
                       workspace_bytes=ws, jb_stage1=2 if interpret else 1,
                       bm_exact_bwd=32 if interpret or big else 64, bn_exact_bwd=32 if interpret else 64,
-                      bm_stage2_bwd=32 if interpret or not spec.native else 64, warps_bwd=4 if interpret else 8)
+                      bm_stage2_bwd=32 if interpret or not spec.native else 64, warps_bwd=4 if interpret else 8,
+                      ba_stage1_bwd=32 if interpret or not spec.native else 64,
+                      bn_stage1_bwd=32 if interpret or not spec.native else 64)
 
 
 def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: int = 128,
