@@ -475,10 +475,9 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
     return dk, dv, dqb[..., :D]
 
 
-# The Triton backward has run in the interpreter only (tests/test_triton_backward_cpu.py); on CUDA the op's
-# backward recomputes through the reference until tests/test_triton_gpu.py::test_backward_matches_reference
-# has passed on a GPU.
-BACKWARD_ON_GPU = False
+# The op's backward on CUDA uses the Triton backward (checked on the H100 against the reference's autograd:
+# tests/test_triton_gpu.py, benchmarks/backward_accuracy.py); False: recompute through the reference.
+BACKWARD_ON_GPU = True
 
 
 def backward_supported(q, k, v, *, causal=False, clusters=128, query_clusters=None, dipole=True, kmeans_iters=2,
@@ -582,8 +581,8 @@ def _exact_backward_flash(grad, q, k, v, out, lse, scale, E, valid, dq, dk, dv) 
         chunks(grad), chunks(q), chunks(kk), chunks(vv), chunks(out), lse.reshape(-1, 1, E).contiguous(),
         cq, ck, E, E, 0.0, True, seed, off, scale=float(scale))
     dq.add_(gq.view(B, H, N, D))
-    dk.add_(gk.view(B, Hkv, G, N, D).sum(2))
-    dv.add_(gv.view(B, Hkv, G, N, Dv).sum(2))
+    dk.add_(gk.view(B, Hkv, N, D) if G == 1 else gk.view(B, Hkv, G, N, D).sum(2))
+    dv.add_(gv.view(B, Hkv, N, Dv) if G == 1 else gv.view(B, Hkv, G, N, Dv).sum(2))
     return True
 
 

@@ -151,27 +151,90 @@ def test_cuda_graph_and_side_streams(causal):
     assert _rel(go.float(), o.float()) > 0.1
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_backward_matches_reference(dtype, tol, causal):
-    """The Triton backward (``triton_muse.muse_attention_backward``) against autograd of the float32
-    reference on the same (rounded) inputs: relative error and cosine similarity (issue 5 asks >= 0.99 in
-    bf16). When this passes on a GPU, ``triton_muse.BACKWARD_ON_GPU`` can be switched on."""
+def test_backward_matches_reference_bf16(causal):
+    """The Triton backward (``triton_muse.muse_attention_backward``) in bf16 against autograd of the float32
+    reference on the same (rounded) inputs: relative error and cosine similarity (issue 5 asks >= 0.99).
+    Measured on the H100 (2026-11-22): rel 8.9e-3 / 4.7e-3 / 3.8e-3 (dq / dk / dv) acausal, 8.0e-3 / 3.8e-3 /
+    3.0e-3 causal, cosine >= 0.99996; the bound 3e-2 leaves 3x room."""
     from muse_compile.kernels import reference as R
     from muse_compile.kernels import triton_muse as T
-    q, k, v = _inputs(2, 4, 2, N0, 64, 64, dtype, seed=3)
+    q, k, v = _inputs(2, 4, 2, N0, 64, 64, torch.bfloat16, seed=3)
     kw = _kw(causal, _mask())
     dout = torch.randn(2, 4, N0, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
     leaves = [t.float().clone().requires_grad_(True) for t in (q, k, v)]
     out, _ = R.muse_attention(*leaves, **kw)
     ref = torch.autograd.grad((out * dout).sum(), leaves)
-    got = T.muse_attention_backward(dout.to(dtype), q, k, v, **kw)
+    got = T.muse_attention_backward(dout.bfloat16(), q, k, v, **kw)
     for name, m, r in zip(("dq", "dk", "dv"), got, ref):
         m = m.float()
         assert torch.isfinite(m).all(), name
         cos = torch.nn.functional.cosine_similarity(m.flatten(), r.flatten(), dim=0).item()
-        print(f"backward {dtype} causal={causal} {name}: rel {_rel(m, r):.2e} cos {cos:.6f}")
-        assert _rel(m, r) <= tol and cos >= 0.99, (name, _rel(m, r), cos)
+        print(f"backward bf16 causal={causal} {name}: rel {_rel(m, r):.2e} cos {cos:.6f}")
+        assert _rel(m, r) <= 3e-2 and cos >= 0.99, (name, _rel(m, r), cos)
+
+
+def _fuzzy_mixture(N, dtype, seed):
+    """16 modes with noise 0.5 (B=1, H=4, Hkv=2, D=64): fuzzy clusters, as real activations form."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    cent = torch.randn(16, 64, device="cuda", generator=g)
+
+    def mix(h):
+        idx = torch.randint(0, 16, (1, h, N), device="cuda", generator=g)
+        return (cent[idx] + 0.5 * torch.randn(1, h, N, 64, device="cuda", generator=g)).to(dtype)
+    return mix(4), mix(2), torch.randn(1, 2, N, 64, device="cuda", generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_matches_reference_fp32(causal):
+    """float32: the Triton backward equals the reference's autograd (measured 2e-6..6e-6 relative on this
+    data without the mask, benchmarks/backward_accuracy.py; bound 1e-3), padding mask included.
+
+    Not the tight six-mode data of the other tests: there, in float32 causal, dq of one group of answer rows
+    of one head was 50-80 % off while dk and dv agreed to 1e-4 (``backward_accuracy.py --diagnose-mask``,
+    2026-11-22): k-means settles a near-tie differently from the reference and the difference grows over
+    the Lloyd passes until part of a tight mode lands in another cluster, a different (equally valid)
+    clustering whose gradient differs. Fuzzy modes leave such ties to single tokens."""
+    from muse_compile.kernels import reference as R
+    from muse_compile.kernels import triton_muse as T
+    N = 4096
+    q, k, v = _fuzzy_mixture(N, torch.float32, seed=1)
+    kpm = torch.ones(1, N, dtype=torch.bool, device="cuda")
+    kpm[0, 3500:] = False
+    kw = dict(causal=causal, clusters=32, block_size=256, key_padding_mask=kpm)
+    dout = torch.randn(1, 4, N, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, _ = R.muse_attention(*leaves, **kw)
+    ref = torch.autograd.grad((out * dout).sum(), leaves)
+    got = T.muse_attention_backward(dout, q, k, v, **kw)
+    for name, m, r in zip(("dq", "dk", "dv"), got, ref):
+        print(f"backward fp32 causal={causal} {name}: rel {_rel(m, r):.2e}")
+        assert torch.isfinite(m).all() and _rel(m, r) <= 1e-3, (name, _rel(m, r))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_backward_is_as_close_to_exact_gradients_as_the_reference(causal):
+    """What training sees: the bf16 Triton gradients are as far from exact attention's gradients as the
+    float32 reference's (MuSe's own approximation), within 2 %. On fuzzy data bf16 k-means ties move single
+    tokens to other clusters, so the bf16 gradients differ from the reference's (acausal dq 0.15 relative)
+    yet are no worse an approximation: measured 0.978 / 0.978 (dq), 0.472 / 0.472 (dk), 0.237 / 0.237 (dv)
+    acausal (benchmarks/backward_accuracy.py, H100, 2026-11-22)."""
+    from muse_compile.kernels import reference as R
+    from muse_compile.kernels import triton_muse as T
+    N = 4096
+    q, k, v = _fuzzy_mixture(N, torch.bfloat16, seed=1)
+    kw = dict(causal=causal, clusters=32, block_size=256)
+    dout = torch.randn(1, 4, N, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    out, _ = R.muse_attention(*leaves, **kw)
+    ref = torch.autograd.grad((out * dout).sum(), leaves)
+    lx = [t.float().requires_grad_(True) for t in (q, k, v)]
+    ex = torch.autograd.grad((R.exact_attention(*lx, causal=causal) * dout).sum(), lx)
+    got = T.muse_attention_backward(dout.bfloat16(), q, k, v, **kw)
+    for name, m, r, e in zip(("dq", "dk", "dv"), got, ref, ex):
+        a, b = _rel(r, e), _rel(m.float(), e)
+        print(f"RSE vs exact gradient, bf16 causal={causal} {name}: reference {a:.4f} Triton {b:.4f}")
+        assert b <= 1.02 * a + 5e-3, (name, a, b)
 
 
 def test_exact_backward_through_flash_matches_triton_kernels():
@@ -200,3 +263,23 @@ def test_exact_backward_through_flash_matches_triton_kernels():
               f"vs reference {_rel(a.float(), r):.2e} / {_rel(b.float(), r):.2e}")
         assert _rel(a.float(), b.float()) <= 1e-2, name
         assert _rel(a.float(), r) <= 3e-2, name
+
+
+def test_op_backward_on_cuda_uses_the_triton_backward(monkeypatch):
+    """``multipole_attention(impl="triton")`` on CUDA: autograd reaches ``muse_attention_backward`` (spied on;
+    ``BACKWARD_ON_GPU``) and gives its gradients."""
+    import muse_compile as mc
+    from muse_compile.kernels import triton_muse as T
+    assert T.BACKWARD_ON_GPU
+    calls = []
+    orig = T.muse_attention_backward
+    monkeypatch.setattr(T, "muse_attention_backward", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    q, k, v = _inputs(2, 4, 2, N0, 64, 64, torch.bfloat16, seed=3)
+    dout = torch.randn(2, 4, N0, 64, device="cuda", dtype=torch.bfloat16)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = mc.multipole_attention(*leaves, causal=True, clusters=4, block_size=32, impl="triton")
+    got = torch.autograd.grad((out.float() * dout.float()).sum(), leaves)
+    assert len(calls) == 1
+    want = orig(dout, q, k, v, causal=True, clusters=4, block_size=32)
+    for g, w in zip(got, want):
+        assert _rel(g.float(), w.float()) <= 1e-2
