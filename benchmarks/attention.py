@@ -204,6 +204,12 @@ def main(argv=None):
                     except Exception as e:
                         row["muse_fwd_bwd_ms"] = None
                         print("muse backward failed:", type(e).__name__, str(e)[:200])
+                    if not args.no_graph and row["muse_fwd_bwd_ms"]:
+                        try:
+                            row["muse_fwd_bwd_graph_ms"] = graph_bench(muse_fb)
+                        except Exception as e:
+                            row["muse_fwd_bwd_graph_ms"] = None
+                            print("muse fwd+bwd graph failed:", type(e).__name__, str(e)[:200])
                     qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
                     try:
                         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -217,6 +223,9 @@ def main(argv=None):
                         print("cudnn backward failed:", type(e).__name__, str(e)[:200])
                     if row.get("muse_fwd_bwd_ms") and row.get("cudnn_fwd_bwd_ms"):
                         row["fwd_bwd_speedup_vs_cudnn"] = row["cudnn_fwd_bwd_ms"] / row["muse_fwd_bwd_ms"]
+                        if row.get("muse_fwd_bwd_graph_ms"):
+                            row["fwd_bwd_graph_speedup_vs_cudnn"] = (row["cudnn_fwd_bwd_ms"]
+                                                                     / row["muse_fwd_bwd_graph_ms"])
                     del dout, qg, kg, vg
                 if row.get("cudnn_ms"):
                     row["speedup_vs_cudnn"] = row["cudnn_ms"] / row["muse_ms"]
@@ -242,13 +251,14 @@ def main(argv=None):
     print(table(rows))
     if args.backward:
         print()
-        print("| N | D | causal | C | MuSe fwd+bwd ms | cuDNN fwd+bwd ms | speedup |")
-        print("|---|---|---|---|---|---|---|")
+        print("| N | D | causal | C | MuSe fwd+bwd ms | graph ms | cuDNN fwd+bwd ms | speedup | graph speedup |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             f = lambda x, nd=3: "-" if x is None else f"{x:.{nd}f}"  # noqa: E731
             print(f"| {r['N']} | {r['D']} | {'yes' if r['causal'] else 'no'} | {r['clusters']} | "
-                  f"{f(r.get('muse_fwd_bwd_ms'))} | {f(r.get('cudnn_fwd_bwd_ms'))} | "
-                  f"{f(r.get('fwd_bwd_speedup_vs_cudnn'), 2)} |")
+                  f"{f(r.get('muse_fwd_bwd_ms'))} | {f(r.get('muse_fwd_bwd_graph_ms'))} | "
+                  f"{f(r.get('cudnn_fwd_bwd_ms'))} | {f(r.get('fwd_bwd_speedup_vs_cudnn'), 2)} | "
+                  f"{f(r.get('fwd_bwd_graph_speedup_vs_cudnn'), 2)} |")
 
 
 def table(rows):
