@@ -511,9 +511,11 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
                               key_padding_mask=key_padding_mask):
         raise ValueError("the Triton MuSe backward does not take this call (see backward_supported)")
     state: dict = {}
+    # acausal: the backward needs the clustering, the summaries and λ, not stage 2's output
     out, lse = muse_attention(q, k, v, causal=causal, scale=scale, clusters=clusters, query_clusters=query_clusters,
                               dipole=dipole, kmeans_iters=kmeans_iters, block_size=block_size,
-                              key_padding_mask=key_padding_mask, _state=state)
+                              key_padding_mask=key_padding_mask, _state=state,
+                              _phases=ALL_PHASES if causal else ALL_PHASES - {"stage2"})
     pl, mod, s = state["plan"], state["mod"], state["scale"]
     B, H, N, D = q.shape
     Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -521,15 +523,24 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
     dev, f32 = q.device, torch.float32
     q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.contiguous()
     valid = None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
-    dq = torch.zeros(B, H, N, D, device=dev, dtype=f32)
-    dk = torch.zeros(B, Hkv, M, D, device=dev, dtype=f32)
-    dv = torch.zeros(B, Hkv, M, Dv, device=dev, dtype=f32)
     kw = dict(num_warps=pl.warps_bwd)
     if not causal:
+        dq = torch.zeros(B, H, N, D, device=dev, dtype=f32)
+        dk = torch.zeros(B, Hkv, M, D, device=dev, dtype=f32)
+        dv = torch.zeros(B, Hkv, M, Dv, device=dev, dtype=f32)
         _level_backward(mod, pl, state, q, k, v, grad, None, None, dq, dk, dv, s, G, N, M, **kw)
     else:
-        delta = (grad.to(f32) * out.to(f32)).sum(-1).contiguous()
-        if not _exact_backward_flash(grad, q, k, v, out, lse, s, pl.exact_chunk, valid, dq, dk, dv):
+        delta = torch.empty(B, H, N, device=dev, dtype=f32)
+        R = B * H * N
+        mod.row_dot[(triton_cdiv(R, 64),)](grad, out, delta, R, BR=64, num_warps=4)
+        # the exact part's gradients start the float32 accumulators (no zero fill)
+        grads = _exact_backward_flash(grad, q, k, v, out, lse, s, pl.exact_chunk, valid)
+        if grads is not None:
+            dq, dk, dv = (t.to(f32) for t in grads)
+        else:
+            dq = torch.zeros(B, H, N, D, device=dev, dtype=f32)
+            dk = torch.zeros(B, Hkv, M, D, device=dev, dtype=f32)
+            dv = torch.zeros(B, Hkv, M, Dv, device=dev, dtype=f32)
             BM, BN = pl.bm_exact_bwd, pl.bn_exact_bwd
             vp = valid if valid is not None else q
             mod.exact_causal_bwd_dkdv[(B * Hkv, triton_cdiv(N, BN))](
@@ -550,10 +561,10 @@ EXACT_BWD_FLASH = True
 _FLASH_ARGS: dict = {}
 
 
-def _exact_backward_flash(grad, q, k, v, out, lse, scale, E, valid, dq, dk, dv) -> bool:
-    """Adds the exact part's gradients (causal attention inside aligned chunks of E tokens) to dq, dk, dv
-    (float32) with the flash-attention backward; returns False, having done nothing, where that kernel does not
-    apply (no CUDA, not 16-bit, a padding mask, N not a multiple of E, unequal or unsupported head dims).
+def _exact_backward_flash(grad, q, k, v, out, lse, scale, E, valid):
+    """The exact part's gradients ``(dq, dk, dv)`` (causal attention inside aligned chunks of E tokens; input
+    dtype) by the flash-attention backward; None where that kernel does not apply (no CUDA, not 16-bit, a
+    padding mask, N not a multiple of E, unequal or unsupported head dims).
 
     The backward of one softmax over all parts' keys needs P = exp(s − L) with the final log-sum-exp L and
     D = dO·o with the final output o: passing (o, L) as the "output" and "logsumexp" of each chunk's attention
@@ -563,7 +574,7 @@ def _exact_backward_flash(grad, q, k, v, out, lse, scale, E, valid, dq, dk, dv) 
     Hkv, Dv = k.shape[1], v.shape[-1]
     if not (EXACT_BWD_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and valid is None
             and E > 0 and N % E == 0 and D == Dv and D % 8 == 0 and D <= 256):
-        return False
+        return None
     G, nc = H // Hkv, N // E
     key = (q.device, q.dtype, D)
     if key not in _FLASH_ARGS:
@@ -580,10 +591,10 @@ def _exact_backward_flash(grad, q, k, v, out, lse, scale, E, valid, dq, dk, dv) 
     gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         chunks(grad), chunks(q), chunks(kk), chunks(vv), chunks(out), lse.reshape(-1, 1, E).contiguous(),
         cq, ck, E, E, 0.0, True, seed, off, scale=float(scale))
-    dq.add_(gq.view(B, H, N, D))
-    dk.add_(gk.view(B, Hkv, N, D) if G == 1 else gk.view(B, Hkv, G, N, D).sum(2))
-    dv.add_(gv.view(B, Hkv, N, Dv) if G == 1 else gv.view(B, Hkv, G, N, Dv).sum(2))
-    return True
+    if G == 1:
+        return gq.view(B, H, N, D), gk.view(B, Hkv, N, D), gv.view(B, Hkv, N, Dv)
+    return (gq.view(B, H, N, D), gk.view(B, Hkv, G, N, D).float().sum(2),
+            gv.view(B, Hkv, G, N, Dv).float().sum(2))
 
 
 def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N, M, **kw):
@@ -610,18 +621,7 @@ def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N,
         k, v, st["qbar"], st["u"], st["kperm"], st["kcnt"], st["kmu"], dkt, dvt, dbeta, dg, dk, dv, dqb,
         G, P, M, 0, st["ps"], st["Lk"], CQ=Cq, CK=Ck, BCK=_pow2(Ck), BA=pl.ba_stage1_bwd, BN=pl.bn_stage1_bwd,
         KV_ATOMIC=A > pl.ba_stage1_bwd, **kw)
-    # centroid step: q̄_a is the mean of its fit set's scaled queries (an empty cluster has no members).
-    # Fit token i of set sq = (z·P + p)·G + g is query row (z·G + g)·N + p·ps + i, for i < the pair's length.
-    Lf, ps = st["Lf"], st["ps"]
-    per = dqb.view(NSq, Cq, BD)[..., :D] * (s / st["fcnt"].view(NSq, Cq).to(f32).clamp(min=1))[..., None]
-    a = st["qassign"].view(NSq, Lf).to(torch.int64)
-    sq = torch.arange(NSq, device=dev)
-    zp, g = sq // G, sq % G
-    z, p = zp // P, zp % P
-    i = torch.arange(Lf, device=dev)
-    ok = i[None, :] < torch.clamp(N - p * ps, max=Lf)[:, None]
-    rows = ((z * G + g) * N + p * ps)[:, None] + i[None, :]
-    contrib = torch.gather(per, 1, torch.where(ok, a, 0)[..., None].expand(NSq, Lf, D))
-    # padding slots add zero to row 0 rather than being dropped by a boolean index (a host sync)
-    contrib = contrib * ok[..., None]
-    dq.view(-1, D).index_add_(0, torch.where(ok, rows, 0).flatten(), contrib.reshape(-1, D))
+    # centroid step: q̄_a is the mean of its fit set's scaled queries (an empty cluster has no members)
+    Lf = st["Lf"]
+    mod.centroid_bwd[(NSq, triton_cdiv(Lf, 64))](dqb, st["fcnt"], st["qassign"], dq, s, G, P, N, st["ps"], Lf,
+                                                 CQ=Cq, BN=64, num_warps=4)

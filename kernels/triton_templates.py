@@ -755,6 +755,46 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, kmu, dkt, dvt, dbeta, dg, dk_out, dv_
 
 
 @triton.jit
+def centroid_bwd(dqbar, fcnt, fit_assign, dq_out, scale_q, G, P, N_TOT, F_PSTRIDE, LF,
+                 CQ: tl.constexpr, BN: tl.constexpr):
+    """The centroid step of the backward for one (query set sq, block of BN fit tokens): q̄_a is the mean of
+    its fit set's scaled queries, so fit token i (cluster a) gets scale·dq̄_a / n_a added to its dq row. Fit
+    token i of set sq = (z·P + p)·G + g is query row (z·G + g)·N + p·F_PSTRIDE + i; each row belongs to one
+    set, so the read-modify-write needs no atomics."""
+    sq = tl.program_id(0)
+    blk = tl.program_id(1)
+    zp = sq // G
+    g = sq % G
+    z = zp // P
+    p = zp % P
+    row0 = (z * G + g).to(tl.int64) * N_TOT + p * F_PSTRIDE
+    n = tl.minimum(LF, N_TOT - p * F_PSTRIDE)
+    offs = blk * BN + tl.arange(0, BN)
+    msk = offs < n
+    offs_d = tl.arange(0, $BD)
+    dmask = offs_d < $D
+    a = tl.load(fit_assign + sq.to(tl.int64) * LF + offs, mask=msk, other=0)
+    crow = sq.to(tl.int64) * CQ + a
+    cnt = tl.load(fcnt + crow, mask=msk, other=1).to(tl.float32)
+    m2 = msk[:, None] & dmask[None, :]
+    d = tl.load(dqbar + crow[:, None] * $BD + offs_d[None, :], mask=m2, other=0.0)
+    d = d * (scale_q / tl.maximum(cnt, 1.0))[:, None]
+    ptr = dq_out + (row0 + offs)[:, None] * $D + offs_d[None, :]
+    tl.store(ptr, tl.load(ptr, mask=m2, other=0.0) + d, mask=m2)
+
+
+@triton.jit
+def row_dot(A, Bt, out, R, BR: tl.constexpr):
+    """out[r] = A[r]·B[r] in float32 for R rows of $DV values (D = dO·o of the flash-attention backward)."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    offs_v = tl.arange(0, $BDV)
+    m2 = (rows < R)[:, None] & (offs_v < $DV)[None, :]
+    x = tl.load(A + rows[:, None] * $DV + offs_v[None, :], mask=m2, other=0.0).to(tl.float32)
+    y = tl.load(Bt + rows[:, None] * $DV + offs_v[None, :], mask=m2, other=0.0).to(tl.float32)
+    tl.store(out + rows, tl.sum(x * y, 1), mask=rows < R)
+
+
+@triton.jit
 def exact_causal_bwd_dkdv(Q, K, V, scale_q, valid_ptr, dout, lse_in, delta_in, dk_out, dv_out, G, HKV, N, E,
                           BM: tl.constexpr, BN: tl.constexpr, HAS_VALID: tl.constexpr):
     """Backward of ``exact_causal`` for one (batch·kv head, block of BN keys): dk and dv, summed over the G
