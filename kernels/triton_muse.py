@@ -13,6 +13,7 @@ No host synchronisation: every shape is known from the plan; the workspaces have
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Optional, Tuple
 
 import torch
@@ -25,6 +26,7 @@ __all__ = ["muse_attention", "make_plan"]
 
 ALL_PHASES = frozenset({"local", "cluster", "stage1", "stage2", "cast"})
 _DEBUG = None
+log = logging.getLogger(__name__)
 TUNE: dict = {}   # plan field overrides for tuning runs (e.g. {"warps_stage": 4}); empty in normal use
 # TUNE keys that are no plan fields: "fit_stride" (force the k-means fit stride; timing only, the result then
 # differs from the reference)
@@ -534,7 +536,7 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
         R = B * H * N
         mod.row_dot[(triton_cdiv(R, 64),)](grad, out, delta, R, BR=64, num_warps=4)
         # the exact part's gradients start the float32 accumulators (no zero fill)
-        grads = _exact_backward_flash(grad, q, k, v, out, lse, s, pl.exact_chunk, valid)
+        grads = _exact_backward_sdpa(grad, q, k, v, out, lse, s, pl.exact_chunk, valid)
         if grads is not None:
             dq, dk, dv = (t.to(f32) for t in grads)
         else:
@@ -554,47 +556,77 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-# The exact causal part's backward through the flash-attention backward kernel (torch's
-# aten._scaled_dot_product_flash_attention_backward) where it applies; the Triton exact_causal_bwd_* kernels
-# otherwise. Off: always the Triton kernels.
-EXACT_BWD_FLASH = True
-_FLASH_ARGS: dict = {}
+# The exact causal part's backward: the first of these torch SDPA backward kernels that takes the call, fed
+# MuSe's final output and log-sum-exp; the Triton exact_causal_bwd_* kernels where none does (a padding mask,
+# float32, N not a multiple of the chunk) or with an empty tuple. cuDNN's took 1.80 ms against flash's
+# 2.85 ms for the 4096-token chunks at 16k (B·H = 32, D = 64, H100; benchmarks/exact_bwd_backends.py).
+EXACT_BWD_BACKENDS = ("cudnn", "flash")
+_SDPA_ARGS: dict = {}
+_SDPA_FAILED: set = set()
 
 
-def _exact_backward_flash(grad, q, k, v, out, lse, scale, E, valid):
+def _sdpa_bookkeeping(backend, dev, dtype, D):
+    """The non-varlen, no-dropout forward's bookkeeping outputs (sequence offsets, RNG state), as autograd
+    hands them to the backward, from one forward on a tiny input."""
+    key = (backend, dev, dtype, D)
+    if key not in _SDPA_ARGS:
+        t = torch.zeros(1, 1, 16, D, device=dev, dtype=dtype)
+        if backend == "cudnn":
+            r = torch.ops.aten._scaled_dot_product_cudnn_attention(t, t, t, None, True, 0.0, True, False, scale=1.0)
+        else:
+            r = torch.ops.aten._scaled_dot_product_flash_attention(t, t, t, 0.0, True, False, scale=1.0)
+        _SDPA_ARGS[key] = (r[2], r[3], r[6], r[7])
+    return _SDPA_ARGS[key]
+
+
+def _exact_backward_sdpa(grad, q, k, v, out, lse, scale, E, valid):
     """The exact part's gradients ``(dq, dk, dv)`` (causal attention inside aligned chunks of E tokens; input
-    dtype) by the flash-attention backward; None where that kernel does not apply (no CUDA, not 16-bit, a
-    padding mask, N not a multiple of E, unequal or unsupported head dims).
+    dtype, dk/dv float32 when summed over G query heads) by torch's cuDNN or flash-attention backward kernel;
+    None where neither applies (no CUDA, not 16-bit, a padding mask, N not a multiple of E, unequal or
+    unsupported head dims).
 
     The backward of one softmax over all parts' keys needs P = exp(s − L) with the final log-sum-exp L and
     D = dO·o with the final output o: passing (o, L) as the "output" and "logsumexp" of each chunk's attention
-    gives exactly that (the flash backward computes P and D from them, never from its own forward). Each chunk
-    is one sequence of a batch of B·H·N/E (a view; keys and values are repeated over the G query heads)."""
+    gives exactly that (both kernels compute P and D from them, never from their own forward). Each chunk is
+    one sequence of a batch of B·H·N/E (a view; keys and values are repeated over the G query heads). A backend
+    that raises (unsupported here) is not tried again for that device, dtype and head dim."""
     B, H, N, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
-    if not (EXACT_BWD_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and valid is None
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and valid is None
             and E > 0 and N % E == 0 and D == Dv and D % 8 == 0 and D <= 256):
         return None
-    G, nc = H // Hkv, N // E
-    key = (q.device, q.dtype, D)
-    if key not in _FLASH_ARGS:
-        # the non-varlen, no-dropout forward's bookkeeping outputs, as autograd hands them to the backward
-        t = torch.zeros(1, 1, 16, D, device=q.device, dtype=q.dtype)
-        r = torch.ops.aten._scaled_dot_product_flash_attention(t, t, t, 0.0, True, False, scale=1.0)
-        _FLASH_ARGS[key] = (r[2], r[3], r[6], r[7])
-    cq, ck, seed, off = _FLASH_ARGS[key]
+    G = H // Hkv
 
     def chunks(t):
         return t.reshape(-1, 1, E, t.shape[-1])
 
     kk, vv = (k, v) if G == 1 else (k.repeat_interleave(G, 1), v.repeat_interleave(G, 1))
-    gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        chunks(grad), chunks(q), chunks(kk), chunks(vv), chunks(out), lse.reshape(-1, 1, E).contiguous(),
-        cq, ck, E, E, 0.0, True, seed, off, scale=float(scale))
+    grads = None
+    for backend in EXACT_BWD_BACKENDS:
+        key = (backend, q.device, q.dtype, D)
+        if key in _SDPA_FAILED:
+            continue
+        try:
+            cq, ck, seed, off = _sdpa_bookkeeping(backend, q.device, q.dtype, D)
+            if backend == "cudnn":
+                grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                    chunks(grad), chunks(q), chunks(kk), chunks(vv), chunks(out),
+                    lse.reshape(-1, 1, E, 1).contiguous(), seed, off, None, cq, ck, E, E, 0.0, True,
+                    scale=float(scale))
+            else:
+                grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                    chunks(grad), chunks(q), chunks(kk), chunks(vv), chunks(out), lse.reshape(-1, 1, E).contiguous(),
+                    cq, ck, E, E, 0.0, True, seed, off, scale=float(scale))
+            break
+        except (RuntimeError, NotImplementedError) as e:
+            _SDPA_FAILED.add(key)
+            log.info("exact-part backward: %s not usable here (%s); trying the next", backend, str(e)[:200])
+    if grads is None:
+        return None
+    gq, gk, gv = (t.reshape(B, -1, N, t.shape[-1]) for t in grads)
     if G == 1:
-        return gq.view(B, H, N, D), gk.view(B, Hkv, N, D), gv.view(B, Hkv, N, Dv)
-    return (gq.view(B, H, N, D), gk.view(B, Hkv, G, N, D).float().sum(2),
-            gv.view(B, Hkv, G, N, Dv).float().sum(2))
+        return gq, gk, gv
+    return gq, gk.view(B, Hkv, G, N, D).float().sum(2), gv.view(B, Hkv, G, N, Dv).float().sum(2)
 
 
 def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N, M, **kw):

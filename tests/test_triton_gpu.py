@@ -237,29 +237,33 @@ def test_bf16_backward_is_as_close_to_exact_gradients_as_the_reference(causal):
         assert b <= 1.02 * a + 5e-3, (name, a, b)
 
 
-def test_exact_backward_through_flash_matches_triton_kernels():
-    """The exact causal part's backward by the flash-attention backward kernel (fed the final output and
-    log-sum-exp) equals the Triton exact_causal_bwd kernels' (bf16, GQA, no padding mask, N a multiple of the
-    exact chunk), and the gradients it gives match the reference's."""
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_exact_backward_through_sdpa_matches_triton_kernels(backend):
+    """The exact causal part's backward by torch's cuDNN / flash-attention backward kernel (fed the final
+    output and log-sum-exp) equals the Triton exact_causal_bwd kernels' (bf16, GQA, no padding mask, N a
+    multiple of the exact chunk), and the gradients it gives match the reference's."""
     from muse_compile.kernels import reference as R
     from muse_compile.kernels import triton_muse as T
     N = 2048
     q, k, v = _inputs(2, 4, 2, N, 64, 64, torch.bfloat16, seed=5)
     kw = dict(causal=True, clusters=4, block_size=32, kmeans_iters=2)
-    assert N % T.make_plan(q, k, v, **kw).exact_chunk == 0
+    E = T.make_plan(q, k, v, **kw).exact_chunk
+    assert N % E == 0
     dout = torch.randn(2, 4, N, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    saved = T.EXACT_BWD_BACKENDS
     got = {}
-    for flash in (True, False):
-        T.EXACT_BWD_FLASH = flash
-        try:
-            got[flash] = T.muse_attention_backward(dout.bfloat16(), q, k, v, **kw)
-        finally:
-            T.EXACT_BWD_FLASH = True
+    try:
+        for name, backends in ((backend, (backend,)), ("triton", ())):
+            T.EXACT_BWD_BACKENDS = backends
+            got[name] = T.muse_attention_backward(dout.bfloat16(), q, k, v, **kw)
+    finally:
+        T.EXACT_BWD_BACKENDS = saved
+    assert not any(key[0] == backend for key in T._SDPA_FAILED), f"{backend} backward did not run"
     leaves = [t.float().clone().requires_grad_(True) for t in (q, k, v)]
     out, _ = R.muse_attention(*leaves, **kw)
     ref = torch.autograd.grad((out * dout).sum(), leaves)
-    for name, a, b, r in zip(("dq", "dk", "dv"), got[True], got[False], ref):
-        print(f"flash vs triton exact backward {name}: {_rel(a.float(), b.float()):.2e}; "
+    for name, a, b, r in zip(("dq", "dk", "dv"), got[backend], got["triton"], ref):
+        print(f"{backend} vs triton exact backward {name}: {_rel(a.float(), b.float()):.2e}; "
               f"vs reference {_rel(a.float(), r):.2e} / {_rel(b.float(), r):.2e}")
         assert _rel(a.float(), b.float()) <= 1e-2, name
         assert _rel(a.float(), r) <= 3e-2, name
