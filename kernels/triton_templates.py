@@ -37,7 +37,8 @@ def _segment(cnt, row, c, C: tl.constexpr, BC: tl.constexpr):
 
 @triton.jit
 def _answer_rows(s, G, P, N_TOT, A_OFF, A_PSTRIDE):
-    """(problem zp, query head g, first query row) of answer set s = zp·G + g (stage 2 and its backward)."""
+    """(problem zp, query head g, first query row) of query set s = zp·G + g whose rows start A_OFF into
+    each pair (stage 2 and its backward: the answer sets; centroid_bwd: the fit sets, A_OFF = 0)."""
     zp = s // G
     gq = s % G
     z = zp // P
@@ -763,12 +764,8 @@ def centroid_bwd(dqbar, fcnt, fit_assign, dq_out, scale_q, G, P, N_TOT, F_PSTRID
     set, so the read-modify-write needs no atomics."""
     sq = tl.program_id(0)
     blk = tl.program_id(1)
-    zp = sq // G
-    g = sq % G
-    z = zp // P
-    p = zp % P
-    row0 = (z * G + g).to(tl.int64) * N_TOT + p * F_PSTRIDE
-    n = tl.minimum(LF, N_TOT - p * F_PSTRIDE)
+    zp, g, row0 = _answer_rows(sq, G, P, N_TOT, 0, F_PSTRIDE)
+    n = tl.minimum(LF, N_TOT - (zp % P) * F_PSTRIDE)
     offs = blk * BN + tl.arange(0, BN)
     msk = offs < n
     offs_d = tl.arange(0, $BD)
