@@ -11,3 +11,17 @@ except Exception:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def muse_levels_at_tiny_sizes(monkeypatch):
+    """Causal levels run MuSe from S = 4·C on (the default needs S >= 64·C, beyond the interpreter's tiny
+    shapes), so causal cases exercise the level kernels; kernels and reference share the schedule."""
+    from muse_compile.lowering import plan as PL, schedule
+    monkeypatch.setattr(schedule, "EXACT_LEVEL_FACTOR", 4)
+    PL._plan.cache_clear()
+    yield
+    PL._plan.cache_clear()

@@ -9,14 +9,7 @@ from muse_compile.kernels import reference as R  # noqa: E402
 from muse_compile.kernels import triton_muse as T  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _muse_levels_at_tiny_sizes(monkeypatch):
-    """Causal levels run MuSe from S = 4·C on, so tiny causal shapes have MuSe levels (see test_triton_cpu)."""
-    from muse_compile.lowering import plan as PL, schedule
-    monkeypatch.setattr(schedule, "EXACT_LEVEL_FACTOR", 4)
-    PL._plan.cache_clear()
-    yield
-    PL._plan.cache_clear()
+pytestmark = pytest.mark.usefixtures("muse_levels_at_tiny_sizes")     # tests/conftest.py
 
 
 def _rel(a, b):

@@ -12,15 +12,7 @@ from muse_compile.kernels import triton_muse as T  # noqa: E402
 from muse_compile.lowering import plan as PL  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _muse_levels_at_tiny_sizes(monkeypatch):
-    """Causal levels run MuSe from S = 4·C on (the default needs S >= 64·C, beyond the interpreter's tiny
-    shapes), so the causal cases here exercise the level kernels; kernels and reference share the schedule."""
-    from muse_compile.lowering import schedule
-    monkeypatch.setattr(schedule, "EXACT_LEVEL_FACTOR", 4)
-    PL._plan.cache_clear()
-    yield
-    PL._plan.cache_clear()
+pytestmark = pytest.mark.usefixtures("muse_levels_at_tiny_sizes")     # tests/conftest.py
 
 
 def _rel(a, b):
