@@ -1,5 +1,6 @@
-"""Per-kernel GPU time of one MuSe forward (or, with ``--backward``, one Triton backward call, which re-runs
-the forward for the clustering) by torch.profiler, optionally for several tuning overrides.
+"""Per-kernel GPU time of one MuSe forward (or, with ``--backward``, one Triton backward call on a saved
+forward state; ``--rerun``: the backward re-runs the forward) by torch.profiler, optionally for several tuning
+overrides.
 
     python benchmarks/profile_muse.py --n 8192 --clusters 64 [--causal] [--backward] [--tune '{"warps_stage": 4}' ...]
 """
@@ -17,7 +18,9 @@ def main():
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--no-dipole", action="store_true")
     ap.add_argument("--tune", nargs="*", default=["{}"])
-    ap.add_argument("--backward", action="store_true", help="profile muse_attention_backward instead")
+    ap.add_argument("--backward", action="store_true",
+                    help="profile muse_attention_backward on a saved forward state instead")
+    ap.add_argument("--rerun", action="store_true", help="with --backward: the backward re-runs the forward")
     ap.add_argument("--per-launch", action="store_true", help="also list every launch of one call in order")
     ap.add_argument("--compact", action="store_true", help="one line of kernel times per variant")
     ap.add_argument("--graph", action="store_true", help="also time the call replayed from a CUDA graph")
@@ -38,7 +41,11 @@ def main():
         kw = dict(causal=args.causal, clusters=args.clusters, dipole=not args.no_dipole)
         if args.backward:
             dout = torch.randn_like(q)
-            fn = lambda: T.muse_attention_backward(dout, q, k, v, **kw)  # noqa: E731
+            if args.rerun:
+                fn = lambda: T.muse_attention_backward(dout, q, k, v, **kw)  # noqa: E731
+            else:
+                o, _, st = T.muse_attention(q, k, v, return_state=True, **kw)
+                fn = lambda: T.muse_attention_backward(dout, q, k, v, saved=(o, st), **kw)  # noqa: E731
         else:
             fn = lambda: T.muse_attention(q, k, v, **kw)  # noqa: E731
         fn()

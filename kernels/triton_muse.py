@@ -44,9 +44,15 @@ def make_plan(q, k, v, *, causal=False, clusters=128, query_clusters=None, dipol
 
 
 def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clusters=None, dipole=True,
-                   kmeans_iters=2, block_size=256, key_padding_mask=None,
-                   _phases=ALL_PHASES, _state=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """MuSe forward on the Triton kernels; arguments and returns as ``reference.muse_attention``."""
+                   kmeans_iters=2, block_size=256, key_padding_mask=None, return_state=False,
+                   _phases=ALL_PHASES):
+    """MuSe forward on the Triton kernels; arguments and returns as ``reference.muse_attention``.
+
+    ``return_state=True`` returns ``(out, lse, state)``: ``state`` is one uint8 tensor of
+    ``plan.state_bytes`` bytes holding what the backward needs (log-sum-exp, and per MuSe problem batch the
+    assignments, sort orders, counts, tilt points, directions, λ and summaries; layout
+    ``KernelPlan.state_layout``). ``muse_attention_backward(..., saved=(out, state))`` then runs without
+    re-running the forward, on exactly this call's clustering."""
     ok, why = supports(q, k, v, causal=causal, key_padding_mask=key_padding_mask, clusters=clusters,
                        query_clusters=query_clusters)
     if not ok:
@@ -55,11 +61,8 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
         raise ValueError("clusters, query_clusters, block_size must be >= 1 and kmeans_iters >= 0")
     if torch.are_deterministic_algorithms_enabled():
         _alert_not_deterministic()
-    pl = make_plan(q, k, v, causal=causal, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
-                   kmeans_iters=kmeans_iters, block_size=block_size, key_padding_mask=key_padding_mask)
-    if TUNE:
-        import dataclasses
-        pl = dataclasses.replace(pl, **{x: y for x, y in TUNE.items() if x not in _TUNE_EXTRA})
+    pl = _tuned(make_plan(q, k, v, causal=causal, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
+                          kmeans_iters=kmeans_iters, block_size=block_size, key_padding_mask=key_padding_mask))
     mod = module_for(pl)
     B, H, N, D = q.shape
     Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -71,20 +74,26 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
     if key_padding_mask is not None:
         valid = key_padding_mask.contiguous().view(torch.uint8)
     dev = q.device
-    lse = torch.empty(B, H, N, device=dev, dtype=torch.float32)
+    lay = pl.state_layout()
+    state = torch.empty(lay.nbytes, device=dev, dtype=torch.uint8)
+    if lay.zero_bytes:
+        state[:lay.zero_bytes].zero_()
+    lse, kept = state_views(pl, state)
+
+    def done(out):
+        return (out, lse, state) if return_state else (out, lse)
+
     if not causal:
         out = torch.empty(B, H, N, Dv, device=dev, dtype=q.dtype)
-        st = _level(mod, pl, pl.levels[0], q, k, v, valid, s, Z, G, Hkv, N, M, out, lse, merge=False,
-                    phases=_phases)
-        if _state is not None:
-            _state.update(st, plan=pl, mod=mod, scale=s)
-        return out, lse
+        _level(mod, pl, pl.levels[0], kept[0], q, k, v, valid, s, Z, G, Hkv, N, M, out, lse, merge=False,
+               phases=_phases)
+        return done(out)
     direct = len(pl.levels) == 0
     acc = torch.empty(B, H, N, Dv, device=dev, dtype=q.dtype if direct else torch.float32)
     # the exact part (local blocks + exact levels) runs on a second side stream while the MuSe levels
     # cluster; the first level's stage 2, which merges into its output, waits for it
     ex = _side_stream(dev, 1) if pl.overlap else None
-    done = None
+    ev = None
     if "local" in _phases:
         BM, BN = pl.bm_exact, pl.bn_exact
         with _fork(ex):
@@ -92,18 +101,41 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
                 q, k, v, s, valid if valid is not None else q, acc, lse, G, Hkv, N, pl.exact_chunk,
                 BM=BM, BN=BN, HAS_VALID=valid is not None, num_warps=pl.warps_exact or pl.warps)
             if ex is not None:
-                done = torch.cuda.Event()
-                done.record(ex)
-    levels = []
+                ev = torch.cuda.Event()
+                ev.record(ex)
     for i, lv in enumerate(pl.levels):
-        levels.append(_level(mod, pl, lv, q, k, v, valid, s, Z, G, Hkv, N, N, acc, lse, merge=True,
-                             phases=_phases, stage2_after=done if i == 0 else None))
+        _level(mod, pl, lv, kept[i], q, k, v, valid, s, Z, G, Hkv, N, N, acc, lse, merge=True,
+               phases=_phases, stage2_after=ev if i == 0 else None)
     _join(ex)
-    if _state is not None:
-        _state.update(levels=levels, plan=pl, mod=mod, scale=s)
     if direct or "cast" not in _phases:
-        return acc, lse
-    return acc.to(q.dtype), lse
+        return done(acc)
+    return done(acc.to(q.dtype))
+
+
+def _tuned(pl: KernelPlan) -> KernelPlan:
+    if not TUNE:
+        return pl
+    import dataclasses
+    return dataclasses.replace(pl, **{x: y for x, y in TUNE.items() if x not in _TUNE_EXTRA})
+
+
+def state_views(pl: KernelPlan, state: torch.Tensor):
+    """``(lse [B, H, N] float32, [per problem batch: name -> view]) `` of a state buffer (``state_layout``)."""
+    lay = pl.state_layout()
+    if state.dtype != torch.uint8 or state.dim() != 1 or state.numel() != lay.nbytes:
+        raise ValueError(f"MuSe state: expected a uint8 tensor of {lay.nbytes} bytes for this plan, got "
+                         f"{state.dtype} {tuple(state.shape)}")
+    dt = {"f32": torch.float32, "i32": torch.int32, "sum": pl.summary_dtype}
+    off, n = lay.lse
+    lse = state[off:off + 4 * n].view(torch.float32).view(pl.batch, pl.heads, pl.n)
+    levels = []
+    for parts in lay.levels:
+        views = {}
+        for name, (off, n, kind) in parts.items():
+            t = dt[kind]
+            views[name] = state[off:off + n * t.itemsize].view(t)
+        levels.append(views)
+    return lse, levels
 
 
 def _alert_not_deterministic() -> None:
@@ -141,7 +173,7 @@ def _init_index(valid, lv, Hkv, C):
     return idx[:, None].expand(B, Hkv, P, C).reshape(B * Hkv * P, C).to(torch.int32).contiguous()
 
 
-def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out, lse, *, merge, phases,
+def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M, out, lse, *, merge, phases,
            stage2_after=None):
     """One acausal MuSe problem batch. The query side (k-means, scatter, centroids and directions) runs on the
     caller's stream; the key side (k-means, scatter) and the guard samples' exact attention run at the same
@@ -181,37 +213,34 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
     nsb = triton_cdiv(G * ns, BS)
     KS = guard_chunks(NSk, nsb, Lk, _interp())      # the guard samples' key set, split for parallelism
 
-    # workspaces, all allocated before the streams fork: zero-initialised (k-means sums and counts of every
-    # pass, answer-set counts, the guard's λ sums) and uninitialised (the rest)
+    # what the backward needs (``kept``: views into the op's state, counts and λ already zero) and forward-only
+    # scratch, all allocated before the streams fork: zero-initialised (k-means sums and counts of the fit
+    # passes) and uninitialised (the rest)
     nq_sum, nk_sum = (T + 1) * NSq * Cq * BD, (T + 1) * NSk * Ck * BD
-    nq_cnt, nk_cnt = (T + 1) * NSq * Cq, (T + 1) * NSk * Ck
-    na_cnt = 0 if lv.same else NSq * Cq
-    n_lam = 2 * NSq if spec.dipole else 0
-    zbuf, (qsums, ksums, qcnt, kcnt, acnt, lam) = _alloc(
-        dev, f32, [(nq_sum, f32), (nk_sum, f32), (nq_cnt, i32), (nk_cnt, i32), (na_cnt, i32), (n_lam, f32)],
-        zero=True)
+    zbuf, (qsums, ksums, qcnt0, kcnt0) = _alloc(
+        dev, f32, [(nq_sum, f32), (nk_sum, f32), (T * NSq * Cq, i32), (T * NSk * Ck, i32)], zero=True)
     qsums, ksums = qsums.view(T + 1, -1), ksums.view(T + 1, -1)
-    qcnt, kcnt = qcnt.view(T + 1, -1), kcnt.view(T + 1, -1)
-    sdt = q.dtype if spec.native else f32     # k̃, ṽ, g storage (β, σ stay float32)
-    n_sum = NSk * A * Ck
-    parts = [(T + 1) * NSq * Cq * BD, (T + 1) * NSk * Ck * BD,                 # qmu, kmu
-             NSq * Lf, NSq * Lf, NSq * Lf, NSk * Lk, NSk * Lk, NSk * Lk,       # assign, pos, perm (q, k)
-             NSq * npq * Cq, NSk * npk * Ck,                                   # per-program bases
-             NSq * Cq * BD, NSq * Cq * BD if spec.dipole else 0,               # qbar, u
-             n_sum, n_sum if spec.dipole else 0]                               # beta, sig
-    parts += [0, 0, 0, 0] if lv.same else [NSq * La, NSq * La, NSq * La, NSq * npa * Cq]
-    parts += [NSk * G * ns * KS * BDV, NSk * G * ns * KS] if spec.dipole else [0, 0]     # po, plse
-    types = [f32, f32] + [i32] * 8 + [f32] * 4 + [i32] * 4 + [f32, f32]
-    (qmu, kmu, qassign, qpos, qperm, kassign, kpos, kperm, qpb, kpb, qbar, u, beta, sig,
-     aassign, apos, aperm, apb, po, plse) = _alloc(dev, f32, list(zip(parts, types)))[1]
-    qmu, kmu = qmu.view(T + 1, -1), kmu.view(T + 1, -1)
-    kt, vt, gs = _alloc(dev, sdt, [(n_sum * BD, sdt), (n_sum * BDV, sdt), (n_sum * BDV if spec.dipole else 0, sdt)])[1]
-    if not spec.dipole:
-        u, sig, gs, po, plse, lam = qbar, beta, vt, vt, beta, beta
-    if lv.same:
-        aperm, acount = qperm, qcnt[T]
+    qcnt = _split(qcnt0, T) + [kept["qcnt"]]
+    kcnt = _split(kcnt0, T) + [kept["kcnt"]]
+    parts = [(T * NSq * Cq * BD, f32), ((T + 1) * NSq * Cq * BD, f32),   # kmu of the fit passes, qmu
+             (NSq * Lf, i32), (NSk * Lk, i32), (NSk * Lk, i32),         # q positions; k assign, positions
+             (NSq * npq * Cq, i32), (NSk * npk * Ck, i32),              # per-program bases
+             (0 if lv.same else NSq * Lf, i32)]                         # fit-set order (answer set's is kept)
+    parts += [(0, i32)] * 3 if lv.same else [(NSq * La, i32), (NSq * La, i32), (NSq * npa * Cq, i32)]
+    parts += [(NSk * G * ns * KS * BDV, f32), (NSk * G * ns * KS, f32)] if spec.dipole else [(0, f32)] * 2
+    (kmu0, qmu, qpos, kassign, kpos, qpb, kpb, qperm, aassign, apos, apb, po, plse) = _alloc(dev, f32, parts)[1]
+    qmu = qmu.view(T + 1, -1)
+    kmu = _split(kmu0, T) + [kept["kmu"]]
+    qassign, kperm, qbar, beta, kt, vt = (kept[x] for x in ("qassign", "kperm", "qbar", "beta", "kt", "vt"))
+    if spec.dipole:
+        u, sig, gs, lam = kept["u"], kept["sig"], kept["gs"], kept["lam"]
     else:
-        acount = acnt
+        u, sig, gs, po, plse, lam = qbar, beta, vt, vt, beta, beta
+    aperm = kept["aperm"]
+    if lv.same:
+        qperm, acount = aperm, qcnt[T]
+    else:
+        acount = kept["acnt"]
     init = _init_index(valid, lv, Hkv, Ck) if valid is not None else None
     dummy = zbuf
     side = _side_stream(dev) if pl.overlap else None
@@ -255,11 +284,11 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
                                     C=Cq, BC=BCq, BN=min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS, num_warps=nw)
         if not lv.same:
             mod.kmeans_pass[(NSq, npa)](
-                q, scale, dummy, qbar, dummy, acnt, dummy, dummy, acnt, aassign, apos, apb, dummy,
+                q, scale, dummy, qbar, dummy, acount, dummy, dummy, acount, aassign, apos, apb, dummy,
                 G, P, N, lv.ans_off, ps, La, Hkv, 1, npa,
                 C=Cq, BC=BCq, BN=BN, TILES=ta, MODE=2, INIT_IDX=False, HAS_VALID=False, SUMS=False, FINAL=True,
                 POS_ATOMIC=pa, **kw_k)
-            mod.scatter_perm[(NSq, triton_cdiv(La, BN))](acnt, aassign, apos, apb, aperm, G, P, N, lv.ans_off, ps,
+            mod.scatter_perm[(NSq, triton_cdiv(La, BN))](acount, aassign, apos, apb, aperm, G, P, N, lv.ans_off, ps,
                                                          La, npa, BN * ta, C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa,
                                                          num_warps=nw)
     _join(side)
@@ -283,10 +312,29 @@ def _level(mod, pl: KernelPlan, lv, q, k, v, valid, scale, Z, G, Hkv, N, M, out,
                               G, P, N, lv.ans_off, ps, La,
                               CQ=Cq, CK=Ck, BCQ=BCq, BCK=BCk, BM=pl.bm_stage2, MERGE=merge,
                               **kw_s2)
-    # what the backward needs of this level (assignments, sort order, tilt points, directions, λ, summaries)
-    return dict(qassign=qassign, fcnt=qcnt[T], qperm=aperm, qcnt=acount, kperm=kperm, kcnt=kcnt[T], kmu=kmu[T],
-                qbar=qbar, u=u, lam=lam, kt=kt, vt=vt, beta=beta, gs=gs, sig=sig, NSq=NSq, NSk=NSk, Cq=Cq, Ck=Ck, A=A, P=P,
-                Lf=Lf, Lk=Lk, La=La, ans_off=lv.ans_off, ps=ps)
+
+
+def _level_state(pl: KernelPlan, lv, kept: dict) -> dict:
+    """What ``_level_backward`` reads of one problem batch: the kept views (``state_views``) under the
+    backward's names, with the monopole's unused inputs aliased, and the batch's sizes."""
+    Z, G = pl.batch * pl.kv_heads, pl.groups
+    P = lv.pairs
+    st = dict(qassign=kept["qassign"], fcnt=kept["qcnt"], qperm=kept["aperm"],
+              qcnt=kept["qcnt"] if lv.same else kept["acnt"], kperm=kept["kperm"], kcnt=kept["kcnt"],
+              kmu=kept["kmu"], qbar=kept["qbar"], kt=kept["kt"], vt=kept["vt"], beta=kept["beta"])
+    if pl.spec.dipole:
+        st.update(u=kept["u"], lam=kept["lam"], gs=kept["gs"], sig=kept["sig"])
+    else:
+        st.update(u=kept["qbar"], lam=kept["beta"], gs=kept["vt"], sig=kept["beta"])
+    st.update(NSq=Z * P * G, NSk=Z * P, Cq=lv.q_clusters, Ck=lv.k_clusters, A=G * lv.q_clusters, P=P,
+              Lf=lv.fit_len, Lk=lv.key_len, La=lv.ans_len, ans_off=lv.ans_off, ps=lv.pair_stride)
+    return st
+
+
+def _split(t: torch.Tensor, n: int):
+    """``n`` equal consecutive slices of a flat tensor."""
+    sz = t.numel() // n if n else 0
+    return [t[i * sz:(i + 1) * sz] for i in range(n)]
 
 
 def _alloc(dev, dtype, parts, zero=False):
@@ -494,31 +542,42 @@ def backward_supported(q, k, v, *, causal=False, clusters=128, query_clusters=No
 
 
 def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters=128, query_clusters=None,
-                            dipole=True, kmeans_iters=2, block_size=256, key_padding_mask=None):
+                            dipole=True, kmeans_iters=2, block_size=256, key_padding_mask=None, saved=None):
     """Gradients ``(dq, dk, dv)`` of the MuSe op (acausal or causal) on the Triton kernels.
 
-    Runs the forward kernels once more for the clustering (assignments, sort orders, tilt points,
-    directions, λ, summaries) and the final output and log-sum-exp, then per MuSe problem batch ``stage2_bwd``
-    (to q, the summaries and the tilt points through t), ``stage1_bwd`` (summaries to k, v and the tilt
-    points) and the centroid step (a tilt point is the mean of its fit set's scaled queries: each member
-    gets scale·dq̄/n); the causal op adds the exact part's backward (``exact_causal_bwd_*``). The causal
-    parts are LSE-merged in the forward, so their backward uses the final log-sum-exp L and D = dO·o
-    (one softmax over all parts' keys). As in the reference, the assignments, the directions u, λ and σ are
-    constants. The re-run forward may place a boundary token in another cluster than the call's forward did
-    (float atomics in the k-means sums), like the reference recompute it replaces; the gradient is then the
-    exact gradient of that clustering's MuSe.
+    ``saved``: ``(out, state)`` from ``muse_attention(..., return_state=True)`` of the same call (``out`` may
+    be None for the acausal op): the backward reads that call's clustering, summaries and log-sum-exp. Without
+    it the forward kernels run once more for them; that re-run may place a boundary token in another cluster
+    than the call's forward did (float atomics in the k-means sums), and the gradient is then the exact
+    gradient of that clustering's MuSe.
+
+    Per MuSe problem batch: ``stage2_bwd`` (to q, the summaries and the tilt points through t), ``stage1_bwd``
+    (summaries to k, v and the tilt points) and the centroid step (a tilt point is the mean of its fit set's
+    scaled queries: each member gets scale·dq̄/n); the causal op adds the exact part's backward (torch's
+    cuDNN or flash SDPA backward, else ``exact_causal_bwd_*``). The causal parts are LSE-merged in the
+    forward, so their backward uses the final log-sum-exp L and D = dO·o (one softmax over all parts' keys).
+    As in the reference, the assignments, the directions u, λ and σ are constants.
     """
     if not backward_supported(q, k, v, causal=causal, clusters=clusters, query_clusters=query_clusters,
                               dipole=dipole, kmeans_iters=kmeans_iters, block_size=block_size,
                               key_padding_mask=key_padding_mask):
         raise ValueError("the Triton MuSe backward does not take this call (see backward_supported)")
-    state: dict = {}
-    # acausal: the backward needs the clustering, the summaries and λ, not stage 2's output
-    out, lse = muse_attention(q, k, v, causal=causal, scale=scale, clusters=clusters, query_clusters=query_clusters,
-                              dipole=dipole, kmeans_iters=kmeans_iters, block_size=block_size,
-                              key_padding_mask=key_padding_mask, _state=state,
-                              _phases=ALL_PHASES if causal else ALL_PHASES - {"stage2"})
-    pl, mod, s = state["plan"], state["mod"], state["scale"]
+    kw = dict(causal=causal, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
+              kmeans_iters=kmeans_iters, block_size=block_size, key_padding_mask=key_padding_mask)
+    if saved is None:
+        # acausal: the backward needs the clustering, the summaries and λ, not stage 2's output
+        out, _lse, state = muse_attention(q, k, v, scale=scale, return_state=True,
+                                          _phases=ALL_PHASES if causal else ALL_PHASES - {"stage2"}, **kw)
+    else:
+        out, state = saved
+        if causal and out is None:
+            raise ValueError("the causal backward needs the forward's output")
+    pl = _tuned(make_plan(q, k, v, **kw))
+    mod = module_for(pl)
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    lse, kept = state_views(pl, state)
+    out = out.contiguous() if out is not None else None
+    levels = [_level_state(pl, lv, kp) for lv, kp in zip(pl.levels, kept)]
     B, H, N, D = q.shape
     Hkv, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hkv
@@ -530,7 +589,7 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
         dq = torch.zeros(B, H, N, D, device=dev, dtype=f32)
         dk = torch.zeros(B, Hkv, M, D, device=dev, dtype=f32)
         dv = torch.zeros(B, Hkv, M, Dv, device=dev, dtype=f32)
-        _level_backward(mod, pl, state, q, k, v, grad, None, None, dq, dk, dv, s, G, N, M, **kw)
+        _level_backward(mod, pl, levels[0], q, k, v, grad, None, None, dq, dk, dv, s, G, N, M, **kw)
     else:
         delta = torch.empty(B, H, N, device=dev, dtype=f32)
         R = B * H * N
@@ -551,7 +610,7 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
             mod.exact_causal_bwd_dq[(B * H, triton_cdiv(N, BM))](
                 q, k, v, s, vp, grad, lse, delta, dq, G, Hkv, N, pl.exact_chunk,
                 BM=BM, BN=BN, HAS_VALID=valid is not None, **kw)
-        for st in state["levels"]:
+        for st in levels:
             _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N, M, **kw)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

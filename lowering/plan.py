@@ -16,7 +16,7 @@ import torch
 from muse_compile.lowering.codegen import KernelSpec, _pow2, load, render
 from muse_compile.lowering.schedule import causal_schedule
 
-__all__ = ["KernelPlan", "LevelPlan", "plan", "supports", "generated_source", "describe",
+__all__ = ["KernelPlan", "LevelPlan", "StateLayout", "level_state_parts", "plan", "supports", "generated_source", "describe",
            "MAX_CLUSTERS", "MAX_CLUSTERS_GPU", "MAX_HEAD_DIM", "GUARD_SAMPLES", "POWER_ITERS"]
 
 MAX_CLUSTERS = 256          # clusters per set the kernels hold in registers (interpreter)
@@ -65,7 +65,7 @@ class KernelPlan:
     warps: int
     warps_kmeans: int
     warps_stage: int
-    workspace_bytes: int
+    workspace_bytes: int              # forward-only scratch (the state kept for the backward: state_bytes)
     stages_kmeans: int = 0            # software-pipelining stages (0: Triton's default)
     stages_stage: int = 0
     jb_stage1: int = 1                # key clusters per stage-1 program (4 was slower than 1 on the H100)
@@ -105,6 +105,19 @@ class KernelPlan:
             return width <= 128 and ck * width <= 128 * 128
         return width <= 64 and ck <= 64
 
+    @property
+    def summary_dtype(self) -> torch.dtype:
+        """Storage of the summaries k̃, ṽ, g: the 16-bit input dtype on the native path, else float32."""
+        return getattr(torch, self.spec.dot_dtype) if self.spec.native else torch.float32
+
+    def state_layout(self) -> StateLayout:
+        """The layout of the forward's state (see :class:`StateLayout`); a pure function of the plan."""
+        return _state_layout(self)
+
+    @property
+    def state_bytes(self) -> int:
+        return self.state_layout().nbytes
+
     def kernels(self) -> List[str]:
         """Kernel launches in order (names of the generated functions)."""
         out = []
@@ -133,25 +146,84 @@ def guard_sample_block(interpret: bool) -> int:
     return 32 if interpret else 64
 
 
-def _level_workspace(lv: LevelPlan, Z: int, G: int, iters: int, bd: int, bdv: int, dipole: bool,
-                     summary_bytes: int, interpret: bool) -> int:
+def level_state_parts(lv: LevelPlan, Z: int, G: int, bd: int, bdv: int, dipole: bool):
+    """What the backward needs of one MuSe problem batch, as ``(zero-initialised parts, other parts)``, each a
+    list of ``(name, elements, kind)`` with kind ``"f32"``, ``"i32"`` or ``"sum"`` (the summaries' storage:
+    the input's 16-bit dtype on the native path, else float32). ``qcnt``/``kcnt`` are the final k-means
+    counts, ``aperm``/``acnt`` the answer set's sort order and counts (the fit set's when they coincide)."""
+    P = lv.pairs
+    nsq, nsk = Z * P * G, Z * P
+    cq, ck = lv.q_clusters, lv.k_clusters
+    n_sum = nsk * G * cq * ck
+    zero = [("qcnt", nsq * cq, "i32"), ("kcnt", nsk * ck, "i32")]
+    if not lv.same:
+        zero.append(("acnt", nsq * cq, "i32"))
+    if dipole:
+        zero.append(("lam", 2 * nsq, "f32"))
+    rest = [("qassign", nsq * lv.fit_len, "i32"), ("aperm", nsq * lv.ans_len, "i32"),
+            ("kperm", nsk * lv.key_len, "i32"), ("kmu", nsk * ck * bd, "f32"), ("qbar", nsq * cq * bd, "f32"),
+            ("beta", n_sum, "f32"), ("kt", n_sum * bd, "sum"), ("vt", n_sum * bdv, "sum")]
+    if dipole:
+        rest += [("u", nsq * cq * bd, "f32"), ("sig", n_sum, "f32"), ("gs", n_sum * bdv, "sum")]
+    return zero, rest
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """Where the forward's state lives in one byte buffer (the op's second output, saved for the backward):
+    ``lse`` (float32 ``[B, H, N]``) and per MuSe problem batch the parts of :func:`level_state_parts`, each
+    ``name -> (byte offset, elements, kind)``. The first ``zero_bytes`` bytes must start at zero (counts and
+    λ sums are accumulated by atomics)."""
+    nbytes: int
+    zero_bytes: int
+    lse: Tuple[int, int]
+    levels: Tuple[dict, ...]
+
+
+_ALIGN = 64   # bytes: every part starts at a multiple (16 float32 / int32, 32 16-bit elements)
+
+
+def _level_scratch(lv: LevelPlan, Z: int, G: int, iters: int, bd: int, bdv: int, dipole: bool,
+                   interpret: bool) -> int:
+    """Bytes of one problem batch's forward-only workspace (k-means passes, positions, guard partials)."""
     P = lv.pairs
     nsq, nsk = Z * P * G, Z * P
     f4 = 4
-    b = 0
-    b += (iters + 1) * nsq * lv.q_clusters * (2 * bd + 1) * f4            # mu, sums, counts (queries)
-    b += (iters + 1) * nsk * lv.k_clusters * (2 * bd + 1) * f4            # (keys)
-    b += nsq * lv.fit_len * 3 * f4 + nsk * lv.key_len * 3 * f4             # assign, pos, perm
+    b = (iters + 1) * (nsq * lv.q_clusters + nsk * lv.k_clusters) * (2 * bd + 1) * f4   # mu, sums, counts
+    b += nsq * lv.fit_len * 2 * f4 + nsk * lv.key_len * 2 * f4             # pos, perm / assign
     if not lv.same:
-        b += nsq * lv.ans_len * 3 * f4 + nsq * lv.q_clusters * f4
-    b += nsq * lv.q_clusters * 2 * bd * f4                                  # qbar, u
-    A = G * lv.q_clusters
-    b += nsk * A * lv.k_clusters * ((bd + bdv * (2 if dipole else 1)) * summary_bytes + f4)   # summaries
+        b += nsq * lv.ans_len * 2 * f4
     if dipole:
         ns = min(lv.fit_len, GUARD_SAMPLES)
         ks = guard_chunks(nsk, -(-G * ns // guard_sample_block(interpret)), lv.key_len, interpret)
-        b += nsk * G * ns * ks * (bdv + 1) * f4 + 2 * nsq * f4 + nsk * A * lv.k_clusters * f4
+        b += nsk * G * ns * ks * (bdv + 1) * f4
     return b
+
+
+@functools.lru_cache(maxsize=256)
+def _state_layout(p: "KernelPlan") -> StateLayout:
+    size = {"f32": 4, "i32": 4, "sum": p.summary_dtype.itemsize}
+    Z, G = p.batch * p.kv_heads, p.groups
+    parts = [level_state_parts(lv, Z, G, p.spec.bd, p.spec.bdv, p.spec.dipole) for lv in p.levels]
+    off = 0
+    levels = [dict() for _ in parts]
+
+    def place(d, name, n, kind):
+        nonlocal off
+        d[name] = (off, n, kind)
+        off += -(-n * size[kind] // _ALIGN) * _ALIGN
+
+    for d, (zero, _) in zip(levels, parts):
+        for part in zero:
+            place(d, *part)
+    zero_bytes = off
+    n_lse = p.batch * p.heads * p.n
+    lse = (off, n_lse)
+    off += -(-n_lse * 4 // _ALIGN) * _ALIGN
+    for d, (_, rest) in zip(levels, parts):
+        for part in rest:
+            place(d, *part)
+    return StateLayout(nbytes=off, zero_bytes=zero_bytes, lse=lse, levels=tuple(levels))
 
 
 def plan(*, batch: int, heads: int, kv_heads: int, n: int, m: int, head_dim: int, value_dim: int,
@@ -209,10 +281,9 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
                                     ans_off=S, same=False))
     bd, bdv = spec.bd, spec.bdv
     big = max(bd, bdv) >= 128
-    sb = 2 if spec.native else 4
-    ws = sum(_level_workspace(lv, Z, G, iters, bd, bdv, dipole, sb, interpret) for lv in levels)
+    ws = sum(_level_scratch(lv, Z, G, iters, bd, bdv, dipole, interpret) for lv in levels)
     if causal and levels:
-        ws += B * H * N * (Dv + 1) * 4
+        ws += B * H * N * Dv * 4          # the float32 accumulator the parts merge into
     if interpret:
         bnk, bn1, ba1, bm2, bme, bne, warps, wk, wst = 32, 32, 32, 32, 32, 32, 4, 4, 4
     else:
@@ -282,7 +353,8 @@ def describe(p: KernelPlan) -> str:
     for lv in p.levels:
         lines.append(f"  MuSe problem batch: segment={lv.segment} pairs={lv.pairs} Cq={lv.q_clusters} "
                      f"Ck={lv.k_clusters}")
-    lines.append(f"  launches: {len(p.kernels())}; workspace ≈ {p.workspace_bytes / 2**20:.1f} MiB")
+    lines.append(f"  launches: {len(p.kernels())}; state kept for the backward {p.state_bytes / 2**20:.1f} MiB, "
+                 f"forward-only workspace ≈ {p.workspace_bytes / 2**20:.1f} MiB")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_forward", "attention_backward", "resolve_impl", "last_choice", "TritonUnavailable"]
+__all__ = ["attention_forward", "attention_backward", "state_bytes", "resolve_impl", "last_choice", "TritonUnavailable"]
 
 log = logging.getLogger("muse_compile")
 
@@ -86,12 +86,20 @@ def exact(q, k, v, *, causal, scale, key_padding_mask):
     return reference.exact_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
 
 
+def _no_state(q):
+    return q.new_empty((0,), dtype=torch.uint8)
+
+
 def attention_forward(q, k, v, key_padding_mask, *, causal, scale, clusters, query_clusters, dipole,
-                      kmeans_iters, block_size, min_context, impl, _for_backward=False):
-    """The forward of ``torch.ops.muse.attention``: exact below ``min_context``, else MuSe by ``impl``."""
+                      kmeans_iters, block_size, min_context, impl, _for_backward=False, with_state=False):
+    """The forward of ``torch.ops.muse.attention``: exact below ``min_context``, else MuSe by ``impl``.
+
+    ``with_state=True`` returns ``(out, state)``: the Triton path's state for the backward (see
+    :func:`state_bytes`), an empty uint8 tensor for exact attention and the reference."""
     global last_choice
     if k.shape[2] < min_context:
-        return exact(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+        out = exact(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+        return (out, _no_state(q)) if with_state else out
     kwargs = dict(causal=causal, scale=scale, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
                   kmeans_iters=kmeans_iters, block_size=block_size, key_padding_mask=key_padding_mask)
     plan_kw = dict(clusters=clusters, query_clusters=query_clusters, dipole=dipole, kmeans_iters=kmeans_iters,
@@ -102,20 +110,45 @@ def attention_forward(q, k, v, key_padding_mask, *, causal, scale, clusters, que
     last_choice = (name, reason)
     if name == "triton" and not _for_backward:
         mod, _, _ = _triton_modules()
+        if with_state:
+            out, _, state = mod.muse_attention(q, k, v, return_state=True, **kwargs)
+            return out, state
         out, _ = mod.muse_attention(q, k, v, **kwargs)
         return out
     from muse_compile.kernels import reference
     out, _ = reference.muse_attention(q, k, v, **kwargs)
-    return out
+    return (out, _no_state(q)) if with_state else out
 
 
-def attention_backward(grad, q, k, v, key_padding_mask, **params):
+def state_bytes(q, k, v, key_padding_mask, *, causal, scale, clusters, query_clusters, dipole, kmeans_iters,
+                block_size, min_context, impl) -> Optional[int]:
+    """Size of the state :func:`attention_forward` returns for these (possibly fake) inputs: the Triton plan's
+    ``state_bytes``, 0 where the call runs exact attention or the reference, None when it depends on
+    symbolic shapes (the op's fake kernel then makes an unbacked size)."""
+    from ._compat import is_symbolic
+    if any(is_symbolic(d) for t in (q, k, v) for d in t.shape):
+        return None
+    if k.shape[2] < min_context:
+        return 0
+    name, _ = resolve_impl(q, k, v, causal=causal, key_padding_mask=key_padding_mask, impl=impl,
+                           clusters=clusters, query_clusters=query_clusters, dipole=dipole,
+                           kmeans_iters=kmeans_iters, block_size=block_size, scale=scale)
+    if name != "triton":
+        return 0
+    mod, _, _ = _triton_modules()
+    return mod.make_plan(q, k, v, causal=causal, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
+                         kmeans_iters=kmeans_iters, block_size=block_size,
+                         key_padding_mask=key_padding_mask).state_bytes
+
+
+def attention_backward(grad, q, k, v, key_padding_mask, *, out=None, state=None, **params):
     """Gradients ``(dq, dk, dv)`` of :func:`attention_forward`.
 
     Uses the Triton backward (``triton_muse.muse_attention_backward``) when the forward ran on Triton and
     the backward takes the call (``triton_muse.backward_supported``; on CUDA once it has been validated
-    there: ``triton_muse.BACKWARD_ON_GPU``); otherwise recomputes the forward with the (differentiable)
-    reference under ``torch.enable_grad()`` and differentiates it.
+    there: ``triton_muse.BACKWARD_ON_GPU``), on the forward's ``state`` (and ``out``, causal) where given
+    and non-empty; otherwise recomputes the forward with the (differentiable) reference under
+    ``torch.enable_grad()`` and differentiates it.
     """
     min_context, impl = params["min_context"], params["impl"]
     if k.shape[2] >= min_context:
@@ -127,12 +160,14 @@ def attention_backward(grad, q, k, v, key_padding_mask, **params):
             kw = {k_: v_ for k_, v_ in params.items() if k_ not in ("min_context", "impl")}
             if (not q.is_cuda or mod.BACKWARD_ON_GPU) and mod.backward_supported(
                     q, k, v, key_padding_mask=key_padding_mask, **kw):
-                return mod.muse_attention_backward(grad, q, k, v, key_padding_mask=key_padding_mask, **kw)
+                saved = (out, state) if state is not None and state.numel() > 0 else None
+                return mod.muse_attention_backward(grad, q, k, v, key_padding_mask=key_padding_mask,
+                                                   saved=saved, **kw)
     from ._compat import autograd_inside_op
     with autograd_inside_op():
         qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = attention_forward(qd, kd, vd, key_padding_mask, _for_backward=True, **params)
-        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), grad, allow_unused=True)
+        o = attention_forward(qd, kd, vd, key_padding_mask, _for_backward=True, **params)
+        dq, dk, dv = torch.autograd.grad(o, (qd, kd, vd), grad, allow_unused=True)
     zeros = lambda t: torch.zeros_like(t)  # noqa: E731
     return (dq if dq is not None else zeros(q), dk if dk is not None else zeros(k),
             dv if dv is not None else zeros(v))

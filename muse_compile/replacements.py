@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .ops import static_shapes
+
 __all__ = ["key_padding_from_masks", "mha_forward"]
 
 
@@ -62,6 +64,6 @@ def mha_forward(query, key, value, num_heads: int, in_proj_weight, in_proj_bias,
     else:
         keep = key_padding_mask == 0              # additive 0 / -inf (proven by the matcher)
     o = torch.ops.muse.attention(q, k, v, keep, causal, None, clusters, query_clusters, dipole, kmeans_iters,
-                                 block_size, min_context, impl)
+                                 block_size, min_context, impl, static_shapes(q, k, v))[0]
     o = o.permute(2, 0, 1, 3).reshape(L, B, E)
     return F.linear(o, out_proj_weight, out_proj_bias), None

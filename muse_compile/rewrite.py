@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -114,9 +115,11 @@ def _rewrite_one(gm: fx.GraphModule, c: Candidate, pol: Policy) -> fx.Node:
                 kinds = tuple(m.kind for m in c.masks)
                 kpm = _emit(g, anchor, "call_function", key_padding_from_masks,
                             [k, kinds] + [m.node for m in c.masks])
+            keep = _ops.static_shapes(*(_compat.node_example(n) for n in (q, k, v)))
             op = _emit(g, anchor, "call_function", torch.ops.muse.attention.default, [
-                q, k, v, kpm, bool(c.causal), c.scale, clusters, qc, dipole, iters, block, min_ctx, impl])
-            new = _apply_tf(g, anchor, op, c.out_tf)
+                q, k, v, kpm, bool(c.causal), c.scale, clusters, qc, dipole, iters, block, min_ctx, impl, keep])
+            out = _emit(g, anchor, "call_function", operator.getitem, [op, 0])   # element 1: the backward's state
+            new = _apply_tf(g, anchor, out, c.out_tf)
     anchor.replace_all_uses_with(new)
     _prune([anchor] + list(c.nodes))
     return new

@@ -32,7 +32,7 @@ def test_opcheck(causal, kpm, min_context):
     if kpm:
         mask = torch.ones(2, 8, dtype=torch.bool)
         mask[1, 5:] = False
-    args = (q, k, v, mask, causal, None, 3, None, True, 1, 2, min_context, "reference")
+    args = (q, k, v, mask, causal, None, 3, None, True, 1, 2, min_context, "reference", True)
     torch.library.opcheck(torch.ops.muse.attention.default, args)
 
 

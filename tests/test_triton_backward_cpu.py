@@ -195,6 +195,79 @@ def test_op_backward_goes_through_triton(monkeypatch):
             assert _rel(m, r) < 1e-4
 
 
+@pytest.mark.parametrize("causal,dipole", [(False, True), (True, True), (True, False)])
+def test_op_backward_reads_the_forward_state(monkeypatch, causal, dipole):
+    """The op returns its state (size = the plan's ``state_bytes``, also in the fake kernel) and autograd hands
+    it to the backward: the forward kernels run once per training step, not twice, and the gradients equal
+    the re-running backward's (the interpreter is deterministic, so both see the same clustering)."""
+    from muse_compile import ops
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v = _mixture(1, 4, 2, 96, 16, 16, seed=11)
+    q = q * 0.25
+    mask = torch.ones(1, 96, dtype=torch.bool)
+    mask[0, 80:] = False
+    kw = dict(causal=causal, clusters=4, dipole=dipole, kmeans_iters=2, block_size=16, key_padding_mask=mask)
+    dout = torch.randn(1, 4, 96, 16, generator=torch.Generator().manual_seed(2))
+    args = (mask, causal, None, 4, None, dipole, 2, 16, 0, "triton")
+    nbytes = T.make_plan(q, k, v, **kw).state_bytes
+    with FakeTensorMode() as fm:
+        fq, fk, fv = (fm.from_tensor(t) for t in (q, k, v))
+        fake_state = torch.ops.muse.attention(fq, fk, fv, fm.from_tensor(mask), *args[1:], True)[1]
+    assert fake_state.shape == (nbytes,) and fake_state.dtype == torch.uint8
+
+    calls = []
+    orig = T.muse_attention
+    monkeypatch.setattr(T, "muse_attention", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, state = torch.ops.muse.attention(*leaves, *args, True)
+    assert state.shape == (nbytes,) and state.dtype == torch.uint8
+    got = torch.autograd.grad((out * dout).sum(), leaves)
+    assert len(calls) == 1                         # the forward; the backward re-ran nothing
+    rerun = T.muse_attention_backward(dout, q, k, v, **kw)
+    assert len(calls) == 2
+    for name, m, r in zip(("dq", "dk", "dv"), got, rerun):
+        assert _rel(m, r) < 1e-6, (name, _rel(m, r))
+    # a state of the wrong size is an error, not a silent misread
+    with pytest.raises(ValueError, match="state"):
+        T.muse_attention_backward(dout, q, k, v, saved=(out.detach(), state[:-64]), **kw)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_optimize_keeps_the_state_where_shapes_are_static(monkeypatch, dynamic):
+    """``mc.optimize`` (Triton path, interpreter): with static shapes the rewritten graph's op keeps its state
+    and the backward reads it (the forward kernels run once per step); with ``dynamic=True`` the state's size
+    would depend on symbolic lengths, so the op is inserted with ``keep_state=False`` and the backward re-runs
+    the forward. The gradients equal the eager op's either way, at two lengths through one dynamic graph."""
+    import torch.nn.functional as F
+    import muse_compile as mc
+    from muse_compile import rewrite
+    monkeypatch.setattr(rewrite, "IMPL", "triton")
+    calls = []
+    orig = T.muse_attention
+    monkeypatch.setattr(T, "muse_attention", lambda *a, **k: calls.append(1) or orig(*a, **k))
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    om = mc.optimize(fn, backend="aot_eager", dynamic=dynamic)
+    pol = mc.Policy(min_context=0, clusters=4, block_size=16)
+    for N in ((64, 96) if dynamic else (64,)):
+        q, k, v = _mixture(1, 2, 2, N, 16, 16, seed=N)
+        leaves = [t.clone().requires_grad_(True) for t in (q * 0.25, k, v)]
+        with mc.policy(pol):
+            got = om(*leaves)
+        n_fwd = len(calls)
+        gq = torch.autograd.grad(got.sum(), leaves)
+        assert len(calls) - n_fwd == (1 if dynamic else 0)
+        leaves2 = [t.detach().clone().requires_grad_(True) for t in leaves]
+        want = mc.multipole_attention(*leaves2, causal=True, clusters=4, block_size=16, impl="triton")
+        wq = torch.autograd.grad(want.sum(), leaves2)
+        assert _rel(got, want) < 1e-6
+        for a, b in zip(gq, wq):
+            assert _rel(a, b) < 1e-6
+    sites = [s for r in om._entries[pol].backend.records for s in r.sites]
+    assert len(om._entries[pol].backend.records) == 1 and all(s.decision == "rewritten" for s in sites)
+
+
 def test_backward_fits_the_gpu_by_measured_shared_memory():
     """``KernelPlan.backward_fits`` follows the AOT measurements (sm_90, triton 3.6) in its docstring."""
     from muse_compile.lowering import plan as PL
