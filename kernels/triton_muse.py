@@ -585,23 +585,27 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
     q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.contiguous()
     valid = None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
     kw = dict(num_warps=pl.warps_bwd)
+    # gradient accumulators: the input dtype on the 16-bit path where no launch adds to them by float atomics
+    # (every read-modify-write then rounds once more; no float32 copies and casts), else float32
+    acc = q.dtype if pl.spec.native and pl.bwd_16bit_accumulators and not any(
+        G * lv.q_clusters > pl.ba_stage1_bwd for lv in pl.levels) else f32
     if not causal:
-        dq = torch.zeros(B, H, N, D, device=dev, dtype=f32)
-        dk = torch.zeros(B, Hkv, M, D, device=dev, dtype=f32)
-        dv = torch.zeros(B, Hkv, M, Dv, device=dev, dtype=f32)
+        dq = torch.zeros(B, H, N, D, device=dev, dtype=acc)
+        dk = torch.zeros(B, Hkv, M, D, device=dev, dtype=acc)
+        dv = torch.zeros(B, Hkv, M, Dv, device=dev, dtype=acc)
         _level_backward(mod, pl, levels[0], q, k, v, grad, None, None, dq, dk, dv, s, G, N, M, **kw)
     else:
         delta = torch.empty(B, H, N, device=dev, dtype=f32)
         R = B * H * N
         mod.row_dot[(triton_cdiv(R, 64),)](grad, out, delta, R, BR=64, num_warps=4)
-        # the exact part's gradients start the float32 accumulators (no zero fill)
+        # the exact part's gradients start the accumulators (no zero fill)
         grads = _exact_backward_sdpa(grad, q, k, v, out, lse, s, pl.exact_chunk, valid)
         if grads is not None:
-            dq, dk, dv = (t.to(f32) for t in grads)
+            dq, dk, dv = (t.to(acc).contiguous() for t in grads)
         else:
-            dq = torch.zeros(B, H, N, D, device=dev, dtype=f32)
-            dk = torch.zeros(B, Hkv, M, D, device=dev, dtype=f32)
-            dv = torch.zeros(B, Hkv, M, Dv, device=dev, dtype=f32)
+            dq = torch.zeros(B, H, N, D, device=dev, dtype=acc)
+            dk = torch.zeros(B, Hkv, M, D, device=dev, dtype=acc)
+            dv = torch.zeros(B, Hkv, M, Dv, device=dev, dtype=acc)
             BM, BN = pl.bm_exact_bwd, pl.bn_exact_bwd
             vp = valid if valid is not None else q
             mod.exact_causal_bwd_dkdv[(B * Hkv, triton_cdiv(N, BN))](
@@ -689,7 +693,7 @@ def _exact_backward_sdpa(grad, q, k, v, out, lse, scale, E, valid):
 
 
 def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N, M, **kw):
-    """Backward of one MuSe problem batch (``_level``'s state ``st``); adds to dq, dk, dv (float32).
+    """Backward of one MuSe problem batch (``_level``'s state ``st``); adds to dq, dk, dv (float32 or the input dtype).
     ``lse``/``delta`` given: the level's output was LSE-merged (causal), see ``stage2_bwd``'s GLOBAL."""
     NSq, NSk, Cq, Ck, A, P = st["NSq"], st["NSk"], st["Cq"], st["Ck"], st["A"], st["P"]
     BD, BDV = pl.spec.bd, pl.spec.bdv

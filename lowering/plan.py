@@ -85,6 +85,8 @@ class KernelPlan:
     bn_exact_bwd: int = 64
     bm_stage2_bwd: int = 64           # float32 products: 32 (stage2_bwd at C = 64: 177 KiB; 64 rows overflow)
     warps_bwd: int = 4                # 4 vs 8 warps at 8k, C = 64: stage1_bwd 0.48 vs 0.69 ms, stage2_bwd 0.42 vs 0.47
+    bwd_16bit_accumulators: bool = True   # 16-bit path: dq, dk, dv accumulate in the input dtype (no float32
+    #                                       copies and casts); float32 where dk/dv need float atomics
 
     @property
     def groups(self) -> int:
