@@ -110,9 +110,12 @@ def attention_forward(q, k, v, key_padding_mask, *, causal, scale, clusters, que
     last_choice = (name, reason)
     if name == "triton" and not _for_backward:
         mod, _, _ = _triton_modules()
-        if with_state:
+        if with_state and _triton_backward_applies(mod, q, k, v, kwargs):
             out, _, state = mod.muse_attention(q, k, v, return_state=True, **kwargs)
             return out, state
+        if with_state:
+            out, _ = mod.muse_attention(q, k, v, **kwargs)
+            return out, _no_state(q)
         out, _ = mod.muse_attention(q, k, v, **kwargs)
         return out
     from muse_compile.kernels import reference
@@ -123,8 +126,9 @@ def attention_forward(q, k, v, key_padding_mask, *, causal, scale, clusters, que
 def state_bytes(q, k, v, key_padding_mask, *, causal, scale, clusters, query_clusters, dipole, kmeans_iters,
                 block_size, min_context, impl) -> Optional[int]:
     """Size of the state :func:`attention_forward` returns for these (possibly fake) inputs: the Triton plan's
-    ``state_bytes``, 0 where the call runs exact attention or the reference, None when it depends on
-    symbolic shapes (the op's fake kernel then makes an unbacked size)."""
+    ``state_bytes``, 0 where the call runs exact attention or the reference or where the Triton backward
+    would not take it, None when it depends on symbolic shapes (the op's fake kernel then makes an unbacked
+    size)."""
     from ._compat import is_symbolic
     if any(is_symbolic(d) for t in (q, k, v) for d in t.shape):
         return None
@@ -136,9 +140,20 @@ def state_bytes(q, k, v, key_padding_mask, *, causal, scale, clusters, query_clu
     if name != "triton":
         return 0
     mod, _, _ = _triton_modules()
+    kw = dict(causal=causal, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
+              kmeans_iters=kmeans_iters, block_size=block_size, key_padding_mask=key_padding_mask)
+    if not _triton_backward_applies(mod, q, k, v, kw):
+        return 0
     return mod.make_plan(q, k, v, causal=causal, clusters=clusters, query_clusters=query_clusters, dipole=dipole,
                          kmeans_iters=kmeans_iters, block_size=block_size,
                          key_padding_mask=key_padding_mask).state_bytes
+
+
+def _triton_backward_applies(mod, q, k, v, kw) -> bool:
+    """Whether the Triton backward would take a call the Triton forward runs (else the state is not kept:
+    the reference recompute would not read it)."""
+    kw = {x: y for x, y in kw.items() if x != "scale"}
+    return (not q.is_cuda or mod.BACKWARD_ON_GPU) and mod.backward_supported(q, k, v, **kw)
 
 
 def attention_backward(grad, q, k, v, key_padding_mask, *, out=None, state=None, **params):
@@ -158,8 +173,7 @@ def attention_backward(grad, q, k, v, key_padding_mask, *, out=None, state=None,
         if name == "triton":
             mod, _, _ = _triton_modules()
             kw = {k_: v_ for k_, v_ in params.items() if k_ not in ("min_context", "impl")}
-            if (not q.is_cuda or mod.BACKWARD_ON_GPU) and mod.backward_supported(
-                    q, k, v, key_padding_mask=key_padding_mask, **kw):
+            if _triton_backward_applies(mod, q, k, v, dict(kw, key_padding_mask=key_padding_mask)):
                 saved = (out, state) if state is not None and state.numel() > 0 else None
                 return mod.muse_attention_backward(grad, q, k, v, key_padding_mask=key_padding_mask,
                                                    saved=saved, **kw)

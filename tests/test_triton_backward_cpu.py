@@ -232,6 +232,28 @@ def test_op_backward_reads_the_forward_state(monkeypatch, causal, dipole):
         T.muse_attention_backward(dout, q, k, v, saved=(out.detach(), state[:-64]), **kw)
 
 
+def test_no_state_kept_where_the_triton_backward_would_not_run(monkeypatch):
+    """Where the Triton backward does not take a call (``backward_supported`` False: tiles too large for the
+    GPU), the backward recomputes through the reference, so the op keeps no state (fake and real agree) and
+    autograd holds no memory for it; the gradients are the reference's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(T, "backward_supported", lambda *a, **k: False)
+    q, k, v = _mixture(1, 2, 1, 64, 16, 16, seed=4)
+    args = (None, False, None, 4, None, True, 2, 16, 0, "triton", True)
+    with FakeTensorMode() as fm:
+        st = torch.ops.muse.attention(*(fm.from_tensor(t) for t in (q, k, v)), *args)[1]
+    assert st.shape == (0,)
+    leaves = [t.clone().requires_grad_(True) for t in (q * 0.25, k, v)]
+    out, state = torch.ops.muse.attention(*leaves, *args)
+    assert state.shape == (0,)
+    got = torch.autograd.grad(out.sum(), leaves)
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    ref_out, _ = R.muse_attention(*ref_leaves, clusters=4, block_size=16)
+    want = torch.autograd.grad(ref_out.sum(), ref_leaves)
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-4
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_optimize_keeps_the_state_where_shapes_are_static(monkeypatch, dynamic):
     """``mc.optimize`` (Triton path, interpreter): with static shapes the rewritten graph's op keeps its state
