@@ -281,7 +281,8 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
                                                      npq, BN * tq, C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa,
                                                      num_warps=nw)
         mod.centroid_dir[(NSq, Cq)](q, scale, qmu[T], qsums[T], qcnt[T], qperm, qbar, u, G, P, N, fit_off, ps, Lf,
-                                    C=Cq, BC=BCq, BN=min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS, num_warps=nw)
+                                    C=Cq, BC=BCq, BN=min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS,
+                                    num_warps=pl.warps_centroid or nw)
         if not lv.same:
             mod.kmeans_pass[(NSq, npa)](
                 q, scale, dummy, qbar, dummy, acount, dummy, dummy, acount, aassign, apos, apb, dummy,

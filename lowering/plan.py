@@ -74,6 +74,7 @@ class KernelPlan:
     kmeans_programs: int = 264        # k-means programs per pass to aim for (tiles per program follow)
     warps_stage2: int = 0             # 0: warps_stage
     warps_exact: int = 0              # 0: warps
+    warps_centroid: int = 2           # centroid_dir at 8k, C = 64 (H100): 2 warps 0.050 ms, 4 warps 0.074, 8 0.099
     overlap: bool = True              # key side / exact part on side streams, concurrent with the query side
     # backward tiles. Shared memory on sm_90 (benchmarks/kernel_resources.py, triton 3.6 as on the device
     # machine, 8 warps): with 16-bit products stage1_bwd (64/64) needs 96 KiB at D = 64 and 192 KiB at
