@@ -216,10 +216,11 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
     # what the backward needs (``kept``: views into the op's state, counts and λ already zero) and forward-only
     # scratch, all allocated before the streams fork: zero-initialised (k-means sums and counts of the fit
     # passes) and uninitialised (the rest)
-    nq_sum, nk_sum = (T + 1) * NSq * Cq * BD, (T + 1) * NSk * Ck * BD
-    zbuf, (qsums, ksums, qcnt0, kcnt0) = _alloc(
-        dev, f32, [(nq_sum, f32), (nk_sum, f32), (T * NSq * Cq, i32), (T * NSk * Ck, i32)], zero=True)
-    qsums, ksums = qsums.view(T + 1, -1), ksums.view(T + 1, -1)
+    # (the final passes sum nothing: the key side needs no sums, centroid_dir sums the query members)
+    zbuf, (qsums0, ksums0, qcnt0, kcnt0) = _alloc(
+        dev, f32, [(T * NSq * Cq * BD, f32), (T * NSk * Ck * BD, f32), (T * NSq * Cq, i32), (T * NSk * Ck, i32)],
+        zero=True)
+    qsums, ksums = _split(qsums0, T) + [zbuf], _split(ksums0, T) + [zbuf]
     qcnt = _split(qcnt0, T) + [kept["qcnt"]]
     kcnt = _split(kcnt0, T) + [kept["kcnt"]]
     parts = [(T * NSq * Cq * BD, f32), ((T + 1) * NSq * Cq * BD, f32),   # kmu of the fit passes, qmu
@@ -276,11 +277,11 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
                 q, scale, dummy, qmu[prev], qsums[prev], qcnt[prev], qmu[t], qsums[t], qcnt[t], qassign, qpos, qpb,
                 dummy, G, P, N, fit_off, ps, Lf, Hkv, r_q, npq,
                 C=Cq, BC=BCq, BN=BN, TILES=t_q, MODE=0 if t == 0 else 1, INIT_IDX=False, HAS_VALID=False,
-                SUMS=True, FINAL=final, POS_ATOMIC=pa, **kw_k)
+                SUMS=not final, FINAL=final, POS_ATOMIC=pa, **kw_k)
         mod.scatter_perm[(NSq, triton_cdiv(Lf, BN))](qcnt[T], qassign, qpos, qpb, qperm, G, P, N, fit_off, ps, Lf,
                                                      npq, BN * tq, C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa,
                                                      num_warps=nw)
-        mod.centroid_dir[(NSq, Cq)](q, scale, qmu[T], qsums[T], qcnt[T], qperm, qbar, u, G, P, N, fit_off, ps, Lf,
+        mod.centroid_dir[(NSq, Cq)](q, scale, qmu[T], qcnt[T], qperm, qbar, u, G, P, N, fit_off, ps, Lf,
                                     C=Cq, BC=BCq, BN=min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS,
                                     num_warps=pl.warps_centroid or nw)
         if not lv.same:

@@ -192,7 +192,8 @@ def _level_scratch(lv: LevelPlan, Z: int, G: int, iters: int, bd: int, bdv: int,
     P = lv.pairs
     nsq, nsk = Z * P * G, Z * P
     f4 = 4
-    b = (iters + 1) * (nsq * lv.q_clusters + nsk * lv.k_clusters) * (2 * bd + 1) * f4   # mu, sums, counts
+    sets = nsq * lv.q_clusters + nsk * lv.k_clusters
+    b = sets * ((iters + 1) * bd + iters * (bd + 1)) * f4     # centroids of every pass, sums and counts of the fits
     b += nsq * lv.fit_len * 2 * f4 + nsk * lv.key_len * 2 * f4             # pos, perm / assign
     if not lv.same:
         b += nsq * lv.ans_len * 2 * f4
