@@ -218,10 +218,11 @@ def scatter_perm(cnt, assign, pos, pbase, perm, GS, P, LEN_TOT, OFF, PSTRIDE, L,
 def centroid_dir(X, scale_x, mu, cnt, perm, qbar_out, u_out, GS, P, LEN_TOT, OFF, PSTRIDE, L,
                  C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, POWER_ITERS: tl.constexpr):
     """Query centroids (member means; an empty cluster keeps its k-means centroid) and, with the dipole,
-    the main direction of the member offsets by power iteration on their D×D scatter matrix. The members'
-    sum and scatter are taken about the final k-means centroid m (the mean of the last fit pass's members,
-    one Lloyd step from this mean): mean = m + Σ(x − m)/n and scatter = Σ(x − m)(x − m)ᵀ − n·(mean − m)(mean − m)ᵀ
-    lose nothing to cancellation, and the final k-means pass need not sum the members."""
+    the main direction of the member offsets by power iteration on their D×D scatter matrix. The members are
+    gathered twice, for their sum and then for their scatter about the mean (the final k-means pass sums
+    nothing). Summing about the k-means centroid in one pass instead cancelled catastrophically: the 32k
+    causal forward gave NaN (H100, 2026-11-22), its strided fit leaving the centroid far from the mean
+    relative to a tight cluster's spread."""
     s = tl.program_id(0)
     a = tl.program_id(1)
     zp = s // GS
@@ -234,30 +235,30 @@ def centroid_dir(X, scale_x, mu, cnt, perm, qbar_out, u_out, GS, P, LEN_TOT, OFF
     offs_d = tl.arange(0, $BD)
     dmask = offs_d < $D
     rp = (wbase + a) * $BD + offs_d
-    m = tl.load(mu + rp)
-    sd = tl.zeros([$BD], dtype=tl.float32)
-    if $DIPOLE:
-        cov = tl.zeros([$BD, $BD], dtype=tl.float32)
+    sm = tl.zeros([$BD], dtype=tl.float32)
     for t in range(0, n_a, BN):
         offs = t + tl.arange(0, BN)
         msk = offs < n_a
         idx = tl.load(perm + s.to(tl.int64) * L + start + offs, mask=msk, other=0)
         x = tl.load(X + (row0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32) * scale_x
-        dl = tl.where(msk[:, None] & dmask[None, :], x - m[None, :], 0.0)
-        sd += tl.sum(dl, 0)
-        if $DIPOLE:
-            # float32 operands even for 16-bit inputs: on near-isotropic offsets the main direction is
-            # ill-conditioned and should not move with the input dtype more than it must
-            cov += tl.dot(tl.trans(dl), dl, input_precision="$PREC")
-    nf = tl.maximum(n_a, 1).to(tl.float32)
-    off = sd / nf
-    qb = tl.where(n_a > 0, m + off, m)
+                    other=0.0).to(tl.float32)
+        sm += tl.sum(x, 0)
+    qb = tl.where(n_a > 0, sm * scale_x / tl.maximum(n_a, 1).to(tl.float32), tl.load(mu + rp))
     if $NATIVE:
         qb = qb.to($CDT).to(tl.float32)
     tl.store(qbar_out + rp, qb)
     if $DIPOLE:
-        cov = cov - nf * off[:, None] * off[None, :]
+        cov = tl.zeros([$BD, $BD], dtype=tl.float32)
+        for t in range(0, n_a, BN):
+            offs = t + tl.arange(0, BN)
+            msk = offs < n_a
+            idx = tl.load(perm + s.to(tl.int64) * L + start + offs, mask=msk, other=0)
+            x = tl.load(X + (row0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
+                        other=0.0).to(tl.float32) * scale_x
+            dl = tl.where(msk[:, None] & dmask[None, :], x - qb[None, :], 0.0)
+            # float32 operands even for 16-bit inputs: on near-isotropic offsets the main direction is
+            # ill-conditioned and should not move with the input dtype more than it must
+            cov += tl.dot(tl.trans(dl), dl, input_precision="$PREC")
         u0 = $U0
         # u ∝ cov^POWER_ITERS · u0, the reference's power iteration. cov is divided once by its trace
         # (>= its top eigenvalue, <= D times it), so the unnormalised powers neither overflow nor underflow

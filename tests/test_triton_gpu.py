@@ -108,6 +108,27 @@ def test_degenerate_no_nan():
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_no_nan_at_long_context_on_the_benchmark_mixture(causal):
+    """The benchmark's inputs at 32k (64-mode mixture shared by q and k, bf16, B·H = 32, C = 64; the k-means fit
+    is strided there): the output is finite. A centroid step that summed member offsets about the k-means
+    centroid (one pass) gave NaN here on the H100 (2026-11-22, benchmarks/results_round6/fwd_nan/), through
+    cancellation in a tight cluster's scatter."""
+    from muse_compile.kernels import triton_muse as T
+    B, H, N, D = 4, 8, 32768, 64
+    gen = torch.Generator(device="cuda").manual_seed(N + D)
+    c = torch.randn(B, H, 64, D, generator=gen, device="cuda")
+
+    def draw():
+        idx = torch.randint(0, 64, (B, H, N), generator=gen, device="cuda")
+        return torch.gather(c, 2, idx[..., None].expand(B, H, N, D)) + 0.5 * torch.randn(
+            B, H, N, D, generator=gen, device="cuda")
+    q, k = draw(), draw()
+    v = torch.randn(B, H, N, D, generator=gen, device="cuda")
+    out, lse = T.muse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=causal, clusters=64)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_cuda_graph_and_side_streams(causal):
     """The key side and the exact part run on side streams joined back to the caller's stream: called from a
     non-default stream and replayed from a CUDA graph (the streams fork and join inside the capture) the op
