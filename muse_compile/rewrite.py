@@ -44,7 +44,8 @@ def decide(c: Candidate, pol: Policy) -> Tuple[str, str]:
             return "kept", f"key length {M} < min_context {pol.min_context} for every size"
     except Exception:
         pass
-    return "rewritten", f"key length {M} is dynamic: exact below min_context {pol.min_context} at run time"
+    return "rewritten", (f"key length {M} is dynamic: exact below min_context {pol.min_context} at run time; "
+                         "the backward re-runs the forward (no saved state under dynamic shapes)")
 
 
 def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
