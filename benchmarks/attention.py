@@ -23,28 +23,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-
-def mixture(B, H, N, D, modes, gen, noise=0.5, device="cuda"):
-    """Per-head Gaussian mixture: ``modes`` centres ~ N(0, I), tokens = centre + noise·N(0, I)."""
-    c = torch.randn(B, H, modes, D, generator=gen, device=device)
-    idx = torch.randint(0, modes, (B, H, N), generator=gen, device=device)
-    x = torch.gather(c, 2, idx[..., None].expand(B, H, N, D))
-    return x + noise * torch.randn(B, H, N, D, generator=gen, device=device)
+from muse_compile.testing import shared_mixture_qkv
 
 
 def make_inputs(kind, B, H, N, D, seed, dtype=torch.bfloat16):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
     if kind == "mixture":
         # queries and keys share the mixture's centres (semantic clusters)
-        c = torch.randn(B, H, 64, D, generator=gen, device="cuda")
-        def draw():
-            idx = torch.randint(0, 64, (B, H, N), generator=gen, device="cuda")
-            return torch.gather(c, 2, idx[..., None].expand(B, H, N, D)) + 0.5 * torch.randn(
-                B, H, N, D, generator=gen, device="cuda")
-        q, k = draw(), draw()
-    else:
-        q = torch.randn(B, H, N, D, generator=gen, device="cuda")
-        k = torch.randn(B, H, N, D, generator=gen, device="cuda")
+        return shared_mixture_qkv(B, H, N, D, seed=seed, dtype=dtype)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, H, N, D, generator=gen, device="cuda")
+    k = torch.randn(B, H, N, D, generator=gen, device="cuda")
     v = torch.randn(B, H, N, D, generator=gen, device="cuda")
     return q.to(dtype), k.to(dtype), v.to(dtype)
 

@@ -6,6 +6,9 @@ Two families:
   keys and values, as trained projections give), so attention has structure that clustering can find;
 * ``gaussian_qkv``: i.i.d. standard normal q, k, v, whose attention is nearly uniform: the hard case for
   any clustering method.
+
+``shared_mixture_qkv`` is the speed benchmark's input (``benchmarks/attention.py``): queries and keys around
+the same centres.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["gaussian_mixture_qkv", "gaussian_qkv"]
+__all__ = ["gaussian_mixture_qkv", "gaussian_qkv", "shared_mixture_qkv"]
 
 
 def gaussian_mixture_qkv(B: int, H: int, N: int, D: int, *, M: Optional[int] = None, Hkv: Optional[int] = None,
@@ -58,3 +61,21 @@ def gaussian_qkv(B: int, H: int, N: int, D: int, *, M: Optional[int] = None, Hkv
     k = torch.randn(B, Hkv, M, D, generator=g)
     v = torch.randn(B, Hkv, M, Dv, generator=g)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def shared_mixture_qkv(B: int, H: int, N: int, D: int, *, seed: int, modes: int = 64, noise: float = 0.5,
+                       dtype=torch.bfloat16, device="cuda") -> Tuple[torch.Tensor, ...]:
+    """q, k, v ``[B, H, N, D]``: q and k = a shared centre ``c ~ N(0, I)`` (one of ``modes`` per (batch, head))
+    + noise·ε, drawn independently for q and k (semantic clusters shared by queries and keys); v i.i.d.
+    standard normal. The random stream (a generator on ``device`` seeded with ``seed``) is the one the
+    attention benchmark's timings and RSE columns were measured on."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    c = torch.randn(B, H, modes, D, generator=g, device=device)
+
+    def draw():
+        idx = torch.randint(0, modes, (B, H, N), generator=g, device=device)
+        return torch.gather(c, 2, idx[..., None].expand(B, H, N, D)) + noise * torch.randn(
+            B, H, N, D, generator=g, device=device)
+    q, k = draw(), draw()
+    v = torch.randn(B, H, N, D, generator=g, device=device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)

@@ -114,17 +114,10 @@ def test_no_nan_at_long_context_on_the_benchmark_mixture(causal):
     centroid (one pass) gave NaN here on the H100 (2026-11-22, benchmarks/results_round6/fwd_nan/), through
     cancellation in a tight cluster's scatter."""
     from muse_compile.kernels import triton_muse as T
+    from muse_compile.testing import shared_mixture_qkv
     B, H, N, D = 4, 8, 32768, 64
-    gen = torch.Generator(device="cuda").manual_seed(N + D)
-    c = torch.randn(B, H, 64, D, generator=gen, device="cuda")
-
-    def draw():
-        idx = torch.randint(0, 64, (B, H, N), generator=gen, device="cuda")
-        return torch.gather(c, 2, idx[..., None].expand(B, H, N, D)) + 0.5 * torch.randn(
-            B, H, N, D, generator=gen, device="cuda")
-    q, k = draw(), draw()
-    v = torch.randn(B, H, N, D, generator=gen, device="cuda")
-    out, lse = T.muse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=causal, clusters=64)
+    q, k, v = shared_mixture_qkv(B, H, N, D, seed=N + D)
+    out, lse = T.muse_attention(q, k, v, causal=causal, clusters=64)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
