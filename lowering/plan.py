@@ -16,8 +16,8 @@ import torch
 from muse_compile.lowering.codegen import KernelSpec, _pow2, load, render
 from muse_compile.lowering.schedule import causal_schedule
 
-__all__ = ["KernelPlan", "LevelPlan", "StateLayout", "level_state_parts", "plan", "supports", "generated_source", "describe",
-           "MAX_CLUSTERS", "MAX_CLUSTERS_GPU", "MAX_HEAD_DIM", "GUARD_SAMPLES", "POWER_ITERS"]
+__all__ = ["KernelPlan", "LevelPlan", "StateLayout", "level_state_parts", "plan", "supports", "generated_source",
+           "describe", "MAX_CLUSTERS", "MAX_CLUSTERS_GPU", "MAX_HEAD_DIM", "GUARD_SAMPLES", "POWER_ITERS"]
 
 MAX_CLUSTERS = 256          # clusters per set the kernels hold in registers (interpreter)
 # On the GPU: at 256 (padded) clusters the k-means pass needs 320 KiB of shared memory (measured on the H100,
