@@ -1,6 +1,7 @@
 """The MuSe forward on generated Triton kernels: same function as ``kernels/reference.py``.
 
-``muse_attention(q, k, v, ...)`` -> ``(out [B, H, N, Dv] in q.dtype, lse [B, H, N] float32)``.
+``muse_attention(q, k, v, ...)`` -> ``(out [B, H, N, Dv] in q.dtype, lse [B, H, N] float32)`` (and the state the
+backward reads with ``return_state=True``); ``muse_attention_backward`` -> ``(dq, dk, dv)``.
 
 Per acausal problem batch (the whole acausal op, or one dyadic level of the causal op with all its pairs,
 all batch·heads in each launch): k-means passes for queries and keys (fused distance GEMM + argmin + atomic
@@ -415,9 +416,9 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, scale, query_clusters,
                     merged=None):
-    """Gradients through stage 2 (summary attention + dipole) with the Triton kernel ``stage2_bwd``: the
-    first piece of the Triton backward (stage 1, the centroids and the causal levels are still to come; the
-    op's backward recomputes through the reference meanwhile).
+    """Gradients through stage 2 (summary attention + dipole) with the Triton kernel ``stage2_bwd``, on
+    tensors in the reference's layout (sorting and padding done here): the stage on its own, for tests and
+    inspection; ``muse_attention_backward`` launches the same kernel on the forward's state.
 
     Args:
         q: ``[B, H, N, D]`` unscaled queries; dout: ``[B, H, N, Dv]`` upstream gradient of the output;
