@@ -414,6 +414,13 @@ def _pow2(n: int, lo: int = 16) -> int:
     return p
 
 
+def _pad_rows(t, width):
+    """``[..., w]`` -> contiguous float32 ``[..., width]`` rows, zero-padded (the kernels' summary layout)."""
+    out = torch.zeros(*t.shape[:-1], width, device=t.device, dtype=torch.float32)
+    out[..., :t.shape[-1]] = t
+    return out
+
+
 def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, scale, query_clusters,
                     merged=None):
     """Gradients through stage 2 (summary attention + dipole) with the Triton kernel ``stage2_bwd``, on
@@ -444,21 +451,16 @@ def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, 
     BD, BDV = pl.spec.bd, pl.spec.bdv
     dev, f32 = q.device, torch.float32
 
-    def pad(t, width):      # [..., w] -> contiguous float32 [..., width] rows (the kernels' summary layout)
-        out = torch.zeros(*t.shape[:-1], width, device=dev, dtype=f32)
-        out[..., :t.shape[-1]] = t
-        return out
-
     NS = Z * G
     a = q_assign.reshape(NS, N).to(torch.int64)
     perm = torch.argsort(a, dim=1, stable=True).to(torch.int32).contiguous()
     cnt = torch.zeros(NS, Cq, device=dev, dtype=torch.int64).scatter_add_(1, a, torch.ones_like(a))
     cnt = cnt.to(torch.int32).contiguous()
     lam2 = torch.stack([lam.reshape(NS).to(f32), torch.ones(NS, device=dev, dtype=f32)], 1).contiguous()
-    ktp, vtp = pad(kt, BD), pad(vt, BDV)
-    gp = pad(g, BDV) if dipole else vtp
+    ktp, vtp = _pad_rows(kt, BD), _pad_rows(vt, BDV)
+    gp = _pad_rows(g, BDV) if dipole else vtp
     sg = sigma.to(f32).contiguous() if dipole else beta.to(f32).contiguous()
-    qb, uu = pad(qbar, BD), (pad(u, BD) if dipole else pad(qbar, BD))
+    qb, uu = _pad_rows(qbar, BD), (_pad_rows(u, BD) if dipole else _pad_rows(qbar, BD))
     dq = torch.zeros(B, H, N, D, device=dev, dtype=f32)
     dkt, dvt = torch.zeros_like(ktp), torch.zeros_like(vtp)
     dbeta = torch.zeros(Z, A, Ck, device=dev, dtype=f32)
@@ -500,23 +502,18 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
     BD, BDV = pl.spec.bd, pl.spec.bdv
     dev, f32 = k.device, torch.float32
 
-    def pad(t, width):
-        out = torch.zeros(*t.shape[:-1], width, device=dev, dtype=f32)
-        out[..., :t.shape[-1]] = t
-        return out
-
     ka = key_assign.to(torch.int64)
     permk = torch.argsort(ka, dim=1, stable=True).to(torch.int32).contiguous()
     cntk = torch.zeros(Z, Ck + 1, device=dev, dtype=torch.int64).scatter_add_(1, ka, torch.ones_like(ka))
     cntk = cntk[:, :Ck].to(torch.int32).contiguous()
-    qb = pad(qbar, BD)
-    uu = pad(u, BD) if dipole else qb
+    qb = _pad_rows(qbar, BD)
+    uu = _pad_rows(u, BD) if dipole else qb
     # per-cluster key means: stage 1's shift of u·k (any per-cluster shift gives the same gradient)
     kmu = torch.zeros(Z, Ck + 1, BD, device=dev, dtype=f32)
     kmu[..., :D].scatter_add_(1, ka[..., None].expand(Z, M, D), k.to(f32))
     kmu = (kmu[:, :Ck] / cntk.to(f32).clamp(min=1)[..., None]).contiguous()
-    dktp, dvtp = pad(dkt, BD), pad(dvt, BDV)
-    dgp = pad(dg, BDV) if dipole else dvtp
+    dktp, dvtp = _pad_rows(dkt, BD), _pad_rows(dvt, BDV)
+    dgp = _pad_rows(dg, BDV) if dipole else dvtp
     dk = torch.zeros(Z, M, D, device=dev, dtype=f32)
     dv = torch.zeros(Z, M, Dv, device=dev, dtype=f32)
     dqb = torch.zeros(Z, A, BD, device=dev, dtype=f32)

@@ -110,14 +110,11 @@ def attention_forward(q, k, v, key_padding_mask, *, causal, scale, clusters, que
     last_choice = (name, reason)
     if name == "triton" and not _for_backward:
         mod, _, _ = _triton_modules()
-        if with_state and _triton_backward_applies(mod, q, k, v, kwargs):
-            out, _, state = mod.muse_attention(q, k, v, return_state=True, **kwargs)
-            return out, state
-        if with_state:
-            out, _ = mod.muse_attention(q, k, v, **kwargs)
-            return out, _no_state(q)
-        out, _ = mod.muse_attention(q, k, v, **kwargs)
-        return out
+        keep = with_state and _triton_backward_applies(mod, q, k, v, kwargs)
+        res = mod.muse_attention(q, k, v, return_state=keep, **kwargs)
+        if not with_state:
+            return res[0]
+        return res[0], (res[2] if keep else _no_state(q))
     from muse_compile.kernels import reference
     out, _ = reference.muse_attention(q, k, v, **kwargs)
     return (out, _no_state(q)) if with_state else out

@@ -37,12 +37,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     not re-run the forward. The state's size follows the shapes through the plan (the causal level schedule,
     the ``min_context`` switch), so a graph traced with symbolic shapes passes ``keep_state=False`` (its
     backward re-runs the forward kernels)."""
-    out, state = dispatch.attention_forward(
+    res = dispatch.attention_forward(
         q, k, v, key_padding_mask, causal=causal, scale=scale, clusters=clusters,
         query_clusters=query_clusters, dipole=dipole, kmeans_iters=kmeans_iters, block_size=block_size,
-        min_context=min_context, impl=impl, with_state=True)
-    if not keep_state:
-        return out.contiguous(), q.new_empty((0,), dtype=torch.uint8)
+        min_context=min_context, impl=impl, with_state=keep_state)
+    out, state = res if keep_state else (res, q.new_empty((0,), dtype=torch.uint8))
     return out.contiguous(), state
 
 
