@@ -284,7 +284,7 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
                                                      num_warps=nw)
         mod.centroid_dir[(NSq, Cq)](q, scale, qmu[T], qcnt[T], qperm, qbar, u, G, P, N, fit_off, ps, Lf,
                                     C=Cq, BC=BCq, BN=min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS,
-                                    num_warps=pl.warps_centroid or nw)
+                                    POWER_DOT=pl.power_dot, num_warps=pl.warps_centroid or nw)
         if not lv.same:
             mod.kmeans_pass[(NSq, npa)](
                 q, scale, dummy, qbar, dummy, acount, dummy, dummy, acount, aassign, apos, apb, dummy,

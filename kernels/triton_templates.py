@@ -216,7 +216,8 @@ def scatter_perm(cnt, assign, pos, pbase, perm, GS, P, LEN_TOT, OFF, PSTRIDE, L,
 
 @triton.jit
 def centroid_dir(X, scale_x, mu, cnt, perm, qbar_out, u_out, GS, P, LEN_TOT, OFF, PSTRIDE, L,
-                 C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, POWER_ITERS: tl.constexpr):
+                 C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, POWER_ITERS: tl.constexpr,
+                 POWER_DOT: tl.constexpr):
     """Query centroids (member means; an empty cluster keeps its k-means centroid) and, with the dipole,
     the main direction of the member offsets by power iteration on their D×D scatter matrix. The members are
     gathered twice, for their sum and then for their scatter about the mean (the final k-means pass sums
@@ -266,12 +267,22 @@ def centroid_dir(X, scale_x, mu, cnt, perm, qbar_out, u_out, GS, P, LEN_TOT, OFF
         # over rows and columns in turn, so u never changes register layout between steps.
         tr = tl.sum(tl.sum(tl.where(offs_d[:, None] == offs_d[None, :], cov, 0.0), 1), 0)
         cn = cov / tl.maximum(tr, 1.1754943508222875e-38)
-        u = u0
-        for it in tl.static_range(POWER_ITERS):
-            if it % 2 == 0:
-                u = tl.sum(cn * u[None, :], 1)
-            else:
-                u = tl.sum(cn * u[:, None], 0)
+        if POWER_DOT:
+            # the mat-vecs as tensor-core products cn·U with u in U's first of 16 columns: the reductions of
+            # the other form cross warps through shared memory once per step, which at D = 128 made this the
+            # op's slowest kernel (0.44 ms at 8k, H100)
+            offs_c = tl.arange(0, 16)
+            uu = tl.where(offs_c[None, :] == 0, u0[:, None], 0.0)
+            for it in tl.static_range(POWER_ITERS):
+                uu = tl.dot(cn, uu, input_precision="$PREC")
+            u = tl.sum(uu, 1)
+        else:
+            u = u0
+            for it in tl.static_range(POWER_ITERS):
+                if it % 2 == 0:
+                    u = tl.sum(cn * u[None, :], 1)
+                else:
+                    u = tl.sum(cn * u[:, None], 0)
         nrm = tl.sqrt(tl.sum(u * u, 0))
         u = tl.where(nrm > 0, u / tl.maximum(nrm, 1.1754943508222875e-38), u0 / tl.sqrt(tl.sum(u0 * u0, 0)))
         if $NATIVE:

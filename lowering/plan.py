@@ -17,7 +17,7 @@ from muse_compile.lowering.codegen import KernelSpec, _pow2, load, render
 from muse_compile.lowering.schedule import causal_schedule
 
 __all__ = ["KernelPlan", "LevelPlan", "StateLayout", "level_state_parts", "plan", "supports", "generated_source",
-           "describe", "MAX_CLUSTERS", "MAX_CLUSTERS_GPU", "MAX_HEAD_DIM", "GUARD_SAMPLES", "POWER_ITERS"]
+           "describe", "gpu_limits", "MAX_CLUSTERS", "MAX_CLUSTERS_GPU", "MAX_HEAD_DIM", "GUARD_SAMPLES", "POWER_ITERS"]
 
 MAX_CLUSTERS = 256          # clusters per set the kernels hold in registers (interpreter)
 # On the GPU: at 256 (padded) clusters the k-means pass needs 320 KiB of shared memory (measured on the H100,
@@ -74,6 +74,8 @@ class KernelPlan:
     kmeans_programs: int = 264        # k-means programs per pass to aim for (tiles per program follow)
     warps_stage2: int = 0             # 0: warps_stage
     warps_exact: int = 0              # 0: warps
+    power_dot: bool = False           # centroid_dir's power iteration by tensor-core products (else reductions;
+    #                                   at D = 64 both take 0.06 ms at 8k, at D = 128 0.30 vs 0.44 ms)
     warps_centroid: int = 2           # centroid_dir at 8k, C = 64 (H100): 2 warps 0.050 ms, 4 warps 0.074, 8 0.099
     overlap: bool = True              # key side / exact part on side streams, concurrent with the query side
     # backward tiles. Shared memory on sm_90 (benchmarks/kernel_resources.py, triton 3.6 as on the device
@@ -284,28 +286,45 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
                                     q_clusters=min(qc, S), k_clusters=min(clusters, S), pair_stride=2 * S,
                                     ans_off=S, same=False))
     bd, bdv = spec.bd, spec.bdv
-    big = max(bd, bdv) >= 128
+    width = max(bd, bdv)
+    big = width >= 128
     ws = sum(_level_scratch(lv, Z, G, iters, bd, bdv, dipole, interpret) for lv in levels)
     if causal and levels:
         ws += B * H * N * Dv * 4          # the float32 accumulator the parts merge into
+    ck = max((_pow2(lv.k_clusters) for lv in levels), default=16)
+    wc, pdot = 2, False
     if interpret:
         bnk, bn1, ba1, bm2, bme, bne, warps, wk, wst = 32, 32, 32, 32, 32, 32, 4, 4, 4
-    else:
+    elif spec.native or not big:
+        # Shared memory and spills of every launch: benchmarks/kernel_resources.py --grid (sm_90, triton 3.6)
         bnk = 128 if not big else 64
         bn1 = 64
         ba1 = 64
-        bm2 = 64
+        # stage 2 holds a query cluster's CK summaries: at width 256 and 128 clusters the merging (causal)
+        # variant needs 256 KiB with 64-row tiles, 208 KiB with 32
+        bm2 = 32 if width * ck > 128 * 128 else 64
         bme, bne = (128, 64) if not big else (64, 64)
         # 8 warps for k-means: 0.251 vs 0.296 ms at 8k, C=64, bf16 (H100, 2026-11-22)
         warps, wk, wst = 4, 8, 4
+        if big:
+            # at width 128 the 4-warp stage 1 spills 3.2 KiB per thread, centroid_dir on 2 warps 9.4 KiB (its
+            # [D, D] scatter matrix; 4.98 ms at 8k, D = 128, H100). centroid_dir with the power iteration as
+            # tensor-core products: 0.30 ms on 4 warps, 0.40 on 8 (the reductions on 8 warps: 0.44)
+            # (at width 256 4 warps spill 4 KiB per thread: 8)
+            warps, wst, wc, pdot = 8, 8, 4 if width <= 128 else 8, True
+    else:
+        # float32 (tf32x3 products) at width 128: 32-row tiles, e.g. stage 1 96 KiB (320 with 64), stage 2
+        # 224 KiB at 64 clusters (supports() refuses more clusters), the exact kernel 104 KiB
+        bnk = bn1 = ba1 = bm2 = bme = bne = 32
+        warps, wk, wst, wc, pdot = 8, 8, 8, 8, True
     return KernelPlan(spec=spec, batch=B, heads=H, kv_heads=Hkv, n=N, m=M, causal=causal, kmeans_iters=iters,
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
-                      workspace_bytes=ws, jb_stage1=2 if interpret else 1,
+                      warps_centroid=wc, power_dot=pdot, workspace_bytes=ws, jb_stage1=2 if interpret else 1,
                       bm_exact_bwd=32 if interpret or big else 64, bn_exact_bwd=32 if interpret else 64,
-                      bm_stage2_bwd=32 if interpret or not spec.native else 64, warps_bwd=4,
+                      bm_stage2_bwd=32 if interpret or not spec.native else 64, warps_bwd=8 if big else 4,
                       ba_stage1_bwd=32 if interpret or not spec.native else 64,
-                      bn_stage1_bwd=32 if interpret or not spec.native else 64)
+                      bn_stage1_bwd=32 if interpret or not spec.native or big else 64)
 
 
 def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: int = 128,
@@ -324,14 +343,10 @@ def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: 
         return False, f"dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)"
     if not (q.dtype == k.dtype == v.dtype):
         return False, "q, k, v dtypes differ"
-    D, Dv = q.shape[-1], v.shape[-1]
-    if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
-        return False, f"head dims {D}/{Dv} exceed {MAX_HEAD_DIM}"
-    qc = clusters if query_clusters is None else query_clusters
     N, M = q.shape[2], k.shape[2]
-    cap = MAX_CLUSTERS if _interpreting() else MAX_CLUSTERS_GPU
-    if min(qc, N) > cap or min(clusters, M) > cap:
-        return False, f"more than {cap} clusters per set (clusters={clusters}, query_clusters={qc})"
+    why = gpu_limits(q.dtype, N, M, q.shape[-1], v.shape[-1], clusters, query_clusters, interpret=_interpreting())
+    if why:
+        return False, why
     if q.shape[1] % k.shape[1] != 0:
         return False, "query heads are not a multiple of key/value heads"
     if causal and N != M:
@@ -340,6 +355,30 @@ def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: 
                                          or tuple(key_padding_mask.shape) != (q.shape[0], M)):
         return False, "key_padding_mask must be bool [B, M]"
     return True, ""
+
+
+def gpu_limits(dtype, N: int, M: int, D: int, Dv: int, clusters: int, query_clusters: Optional[int] = None, *,
+               interpret: bool = False) -> str:
+    """The first size limit of the kernels a call exceeds ("" if none): head dims, clusters per set, and the
+    shared memory the float32 tiles need on sm_90 (227 KiB a block; every launch of the supported shapes
+    compiled ahead of time with benchmarks/kernel_resources.py --grid). The interpreter has no shared memory
+    limit."""
+    qc = clusters if query_clusters is None else query_clusters
+    if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
+        return f"head dims {D}/{Dv} exceed {MAX_HEAD_DIM}"
+    cap = MAX_CLUSTERS if interpret else MAX_CLUSTERS_GPU
+    if min(qc, N) > cap or min(clusters, M) > cap:
+        return f"more than {cap} clusters per set (clusters={clusters}, query_clusters={qc})"
+    width = max(_pow2(D), _pow2(Dv))
+    if dtype == torch.float32 and not interpret and width > 64:
+        # float32 tiles take twice the shared memory of 16-bit ones
+        if width > 128:
+            return (f"float32 with head dims {D}/{Dv}: the kernels' float32 tiles exceed the GPU's shared "
+                    f"memory above 128 (use bfloat16/float16, e.g. autocast)")
+        if _pow2(min(qc, N)) > 64 or _pow2(min(clusters, M)) > 64:
+            return (f"float32 with head dims {D}/{Dv} and more than 64 clusters: stage 2's float32 summary "
+                    f"tiles exceed the GPU's shared memory (use bfloat16/float16 or <= 64 clusters)")
+    return ""
 
 
 def generated_source(p: KernelPlan) -> str:

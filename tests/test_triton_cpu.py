@@ -119,6 +119,33 @@ def test_supports_and_errors():
         T.muse_attention(q.double(), q.double(), q.double())
 
 
+def test_gpu_limits_and_tiles_for_wide_heads():
+    """On the GPU, float32 tiles are twice as wide as 16-bit ones: above head dim 64 the float32 plan uses
+    32-row tiles and refuses more than 64 clusters, above 128 it refuses (a launch would raise OutOfResources;
+    shared memory of every launch: benchmarks/kernel_resources.py --grid). 16-bit heads of 256 fit with
+    32-row stage-2 tiles at 128 clusters. The interpreter has no such limit."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert PL.gpu_limits(f32, 8192, 8192, 64, 64, 128) == ""
+    assert PL.gpu_limits(f32, 8192, 8192, 128, 128, 64) == ""
+    assert "more than 64 clusters" in PL.gpu_limits(f32, 8192, 8192, 128, 128, 128)
+    assert "more than 64 clusters" in PL.gpu_limits(f32, 8192, 8192, 96, 96, 32, query_clusters=128)
+    assert PL.gpu_limits(f32, 8192, 8192, 128, 128, 128, query_clusters=64) != ""
+    assert "above 128" in PL.gpu_limits(f32, 8192, 8192, 64, 256, 16)
+    assert PL.gpu_limits(f32, 8192, 8192, 256, 256, 128, interpret=True) == ""
+    assert PL.gpu_limits(bf16, 8192, 8192, 256, 256, 128) == ""
+    assert PL.gpu_limits(f32, 40, 40, 128, 128, 128) == ""     # clusters capped by the length
+
+    def plan(dtype, D, C, causal=True):
+        return PL.plan(batch=1, heads=2, kv_heads=1, n=65536, m=65536, head_dim=D, value_dim=D, dtype=dtype,
+                       causal=causal, clusters=C, interpret=False)
+    p = plan(f32, 128, 64)
+    assert (p.ba_stage1, p.bn_stage1, p.bm_stage2, p.bm_exact, p.bn_kmeans) == (32, 32, 32, 32, 32)
+    assert plan(f32, 64, 64).ba_stage1 == 64 and plan(bf16, 128, 64).bm_stage2 == 64
+    assert plan(bf16, 256, 128).bm_stage2 == 32 and plan(bf16, 256, 64).bm_stage2 == 64
+    assert plan(bf16, 128, 64).warps_centroid == 4 and plan(bf16, 64, 64).warps_centroid == 2
+    assert plan(bf16, 128, 64).power_dot and not plan(bf16, 64, 64).power_dot
+
+
 @pytest.mark.parametrize("causal,dipole", [(False, False), (False, True), (True, True)])
 def test_native_16bit_path_matches_reference(causal, dipole):
     """The GPU's 16-bit path (16-bit dot operands, 16-bit k̃/ṽ/g, rounded tilt points), run in the interpreter.
