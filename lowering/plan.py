@@ -79,9 +79,11 @@ class KernelPlan:
     warps_centroid: int = 2           # centroid_dir at 8k, C = 64 (H100): 2 warps 0.050 ms, 4 warps 0.074, 8 0.099
     overlap: bool = True              # key side / exact part on side streams, concurrent with the query side
     # backward tiles. Shared memory on sm_90 (benchmarks/kernel_resources.py, triton 3.6 as on the device
-    # machine, 8 warps): with 16-bit products stage1_bwd (64/64) needs 96 KiB at D = 64 and 192 KiB at
-    # D = 128, the exact kernels 41 / 32 KiB at D = 64; with float32 (tf32x3) products stage1_bwd (32/32)
-    # 144 KiB and the exact kernels 193 / 160 KiB.
+    # machine, launches as specialised at run time): with 16-bit products stage1_bwd (64 centroids / 64 keys,
+    # 4 warps) needs 112 KiB at D = 64, 256 KiB at D = 128 with 64 keys on 8 warps (so 32 keys there: 120
+    # KiB), stage2_bwd 65 KiB at D = 64 and 177 KiB at D = 128 with 128 clusters, the exact kernels 73 / 64
+    # KiB at D = 64; with float32 (tf32x3) products at D = 64 stage1_bwd (32/32) 144 KiB, stage2_bwd 176 KiB
+    # and the exact kernels 193 / 160 KiB.
     ba_stage1_bwd: int = 64           # all of A = G·Cq in one block where it fits: dk, dv without atomics
     bn_stage1_bwd: int = 64
     bm_exact_bwd: int = 64
@@ -98,10 +100,9 @@ class KernelPlan:
     def backward_fits(self) -> bool:
         """Whether the backward kernels' tiles fit an sm_90 SM's shared memory (227 KiB). stage2_bwd holds
         one query cluster's CK summaries, so its need grows with CK × head dim. Measured with
-        benchmarks/kernel_resources.py (triton 3.6, the device machine's): 16-bit products need 161 KiB at
-        D = 128, C = 128 and 145 KiB at D = 64, C = 256; float32 products (tf32x3) 177 KiB at D = 64, C = 64
-        and 320 KiB at C = 128, and at D = 128 the exact and stage-1 kernels overflow at any C. The interpreter
-        has no such limit."""
+        benchmarks/kernel_resources.py (triton 3.6, the device machine's; every supported shape in its --grid
+        fits): 16-bit products need 177 KiB for stage2_bwd at D = 128, C = 128; float32 products (tf32x3) 176
+        KiB at D = 64, C = 64 and overflow above. The interpreter has no such limit."""
         if self.spec.precision == "ieee":
             return True
         width = max(self.spec.bd, self.spec.bdv)
