@@ -293,12 +293,13 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
     if causal and levels:
         ws += B * H * N * Dv * 4          # the float32 accumulator the parts merge into
     ck = max((_pow2(lv.k_clusters) for lv in levels), default=16)
-    wc, pdot = 2, False
+    wc, pdot, ws2 = 2, False, 0
     if interpret:
         bnk, bn1, ba1, bm2, bme, bne, warps, wk, wst = 32, 32, 32, 32, 32, 32, 4, 4, 4
     elif spec.native or not big:
         # Shared memory and spills of every launch: benchmarks/kernel_resources.py --grid (sm_90, triton 3.6)
-        bnk = 128 if not big else 64
+        # 128-token k-means tiles at width 128 too: 0.33 -> 0.23 ms at 8k, D = 128 (H100, 2026-11-22)
+        bnk = 128 if width <= 128 else 64
         bn1 = 64
         ba1 = 64
         # stage 2 holds a query cluster's CK summaries: at width 256 and 128 clusters the merging (causal)
@@ -315,6 +316,8 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
             # tensor-core products: 0.30 ms on 4 warps, 0.40 on 8 (the reductions on 8 warps: 0.44)
             # (at width 256 4 warps spill 4 KiB per thread: 8)
             warps, wst, wc, pdot = 8, 8, 4 if width <= 128 else 8, True
+            # stage 2 on 4 warps at width 128: 0.186 vs 0.221 ms at 8k (stage 1 wants 8: 0.310 vs 0.418)
+            ws2 = 4 if width <= 128 else 0
     else:
         # float32 (tf32x3 products) at width 128: 32-row tiles, e.g. stage 1 96 KiB (320 with 64), stage 2
         # 224 KiB at 64 clusters (supports() refuses more clusters), the exact kernel 104 KiB
@@ -323,7 +326,7 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
     return KernelPlan(spec=spec, batch=B, heads=H, kv_heads=Hkv, n=N, m=M, causal=causal, kmeans_iters=iters,
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
-                      warps_centroid=wc, power_dot=pdot, workspace_bytes=ws, jb_stage1=2 if interpret else 1,
+                      warps_centroid=wc, power_dot=pdot, warps_stage2=ws2, workspace_bytes=ws, jb_stage1=2 if interpret else 1,
                       bm_exact_bwd=32 if interpret or big else 64, bn_exact_bwd=32 if interpret else 64,
                       bm_stage2_bwd=32 if interpret or not spec.native else 64, warps_bwd=8 if big else 4,
                       ba_stage1_bwd=32 if interpret or not spec.native else 64,

@@ -145,6 +145,7 @@ def test_gpu_limits_and_tiles_for_wide_heads():
     assert plan(bf16, 128, 64).warps_centroid == 4 and plan(bf16, 64, 64).warps_centroid == 2
     assert plan(bf16, 128, 64).power_dot and not plan(bf16, 64, 64).power_dot
     assert plan(bf16, 128, 64).bm_exact == 128 and plan(bf16, 256, 64).bm_exact == 64
+    assert plan(bf16, 128, 64).bn_kmeans == 128 and plan(bf16, 128, 64).warps_stage2 == 4
 
 
 @pytest.mark.parametrize("causal,dipole", [(False, False), (False, True), (True, True)])
