@@ -78,9 +78,9 @@ def compile_launch(fn, args, kw) -> dict:
 
 
 def record_call(dtype, D, Dv, clusters, causal, n, backward, mask=False, heads=(1, 2, 1)):
-    """The Triton launches of one forward (and backward) call on CPU tensors under the GPU plan."""
+    """The Triton launches of one forward (and, where ``backward_supported`` takes the call and ``backward``
+    asks, backward) call on CPU tensors under the GPU plan: ``(launches, backward_recorded)``."""
     from muse_compile.kernels import triton_muse as T
-    from muse_compile.lowering import plan as PL
     B, H, Hkv = heads
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, H, n, D, generator=g).to(dtype)
@@ -89,32 +89,28 @@ def record_call(dtype, D, Dv, clusters, causal, n, backward, mask=False, heads=(
     kpm = torch.ones(B, n, dtype=torch.bool) if mask else None
     kw = dict(causal=causal, clusters=clusters, key_padding_mask=kpm)
     launches = []
-    saved = (T.supports, PL.supports, T._exact_backward_sdpa)
-    T.supports = lambda *a, **k: (True, "")
+    saved = (T.supports, T._exact_backward_sdpa)
+    T.supports = lambda *a, **k: (True, "")             # CPU tensors: skip the device check
     T._exact_backward_sdpa = lambda *a, **k: None      # record the Triton exact-part kernels too
     try:
         with recording(launches):
             out, _lse, st = T.muse_attention(q, k, v, return_state=True, **kw)
-            if backward:
-                if T.backward_supported(q, k, v, **kw):
-                    T.muse_attention_backward(torch.randn_like(out), q, k, v, saved=(out, st), **kw)
-                else:
-                    launches.append(("backward not supported", None, None))
+            bwd = backward and T.backward_supported(q, k, v, **kw)
+            if bwd:
+                T.muse_attention_backward(torch.randn_like(out), q, k, v, saved=(out, st), **kw)
     finally:
-        T.supports, PL.supports, T._exact_backward_sdpa = saved
-    return launches
+        T.supports, T._exact_backward_sdpa = saved
+    return launches, bwd
 
 
 def check(dtype, D, clusters, causal, backward, n=None, mask=False, verbose=True):
     """Compile every distinct launch of one call; returns the list of launches over the limit."""
     n = n or max(4 * 64 * clusters, 1024) * (4 if causal else 1)
-    launches = record_call(dtype, D, D, clusters, causal, n, backward, mask)
+    launches, bwd = record_call(dtype, D, D, clusters, causal, n, backward, mask)
+    if backward and not bwd and verbose:
+        print("  (the Triton backward does not take this call)")
     seen, over = set(), []
     for fn, args, kw in launches:
-        if args is None:
-            if verbose:
-                print(f"  {fn}")
-            continue
         key = (fn.__name__, tuple(sorted((k, v) for k, v in kw.items())))
         if key in seen:
             continue
