@@ -32,7 +32,9 @@ TUNE: dict = {}   # plan field overrides for tuning runs (e.g. {"warps_stage": 4
 # TUNE keys that are no plan fields: "fit_stride" (force the k-means fit stride; timing only, the result then
 # differs from the reference)
 # "native_16bit_in_interpreter" (run the GPU's 16-bit dot path in the interpreter; tests)
-_TUNE_EXTRA = ("fit_stride", "native_16bit_in_interpreter")
+# "exact_sdpa" (False: the causal op's exact part on the op's own exact_causal kernel instead of cuDNN/flash)
+# "level_streams" (False: the causal op's levels one after another on the caller's stream; timing only)
+_TUNE_EXTRA = ("fit_stride", "native_16bit_in_interpreter", "exact_sdpa", "level_streams")
 
 
 def make_plan(q, k, v, *, causal=False, clusters=128, query_clusters=None, dipole=True, kmeans_iters=2,
@@ -90,25 +92,57 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
                phases=_phases)
         return done(out)
     direct = len(pl.levels) == 0
-    acc = torch.empty(B, H, N, Dv, device=dev, dtype=q.dtype if direct else torch.float32)
+    # the levels LSE-merge into this accumulator in place. On the 16-bit path it has the input's dtype: the
+    # exact part then comes straight from cuDNN, and the merges and the final cast move half the bytes
+    # (each merge rounds once more to 16 bits, well inside the op's bf16 tolerance)
+    acc_dtype = q.dtype if direct or pl.spec.native else torch.float32
     # the exact part (local blocks + exact levels) runs on a second side stream while the MuSe levels
     # cluster; the first level's stage 2, which merges into its output, waits for it
     ex = _side_stream(dev, 1) if pl.overlap else None
     ev = None
+    acc = None
     if "local" in _phases:
-        BM, BN = pl.bm_exact, pl.bn_exact
         with _fork(ex):
-            mod.exact_causal[(B * H, triton_cdiv(N, BM))](
-                q, k, v, s, valid if valid is not None else q, acc, lse, G, Hkv, N, pl.exact_chunk,
-                BM=BM, BN=BN, HAS_VALID=valid is not None, num_warps=pl.warps_exact or pl.warps)
+            if acc_dtype == q.dtype and TUNE.get("exact_sdpa", True):
+                acc = _exact_forward_sdpa(q, k, v, s, pl.exact_chunk, valid, lse)
+            if acc is None:
+                acc = torch.empty(B, H, N, Dv, device=dev, dtype=acc_dtype)
+                BM, BN = pl.bm_exact, pl.bn_exact
+                mod.exact_causal[(B * H, triton_cdiv(N, BM))](
+                    q, k, v, s, valid if valid is not None else q, acc, lse, G, Hkv, N, pl.exact_chunk,
+                    BM=BM, BN=BN, HAS_VALID=valid is not None, num_warps=pl.warps_exact or pl.warps)
             if ex is not None:
                 ev = torch.cuda.Event()
                 ev.record(ex)
+    else:
+        acc = torch.empty(B, H, N, Dv, device=dev, dtype=acc_dtype)
+    # the levels are independent up to their stage 2, which LSE-merges into acc (rows of different levels
+    # overlap): each level clusters and runs stage 1 on its own pair of side streams, all at once, since
+    # every one of those kernels is latency-bound at low occupancy; the merges then run in order on the
+    # caller's stream, the first after the exact part
+    apart = pl.overlap and TUNE.get("level_streams", True)
+    merges = []
     for i, lv in enumerate(pl.levels):
-        _level(mod, pl, lv, kept[i], q, k, v, valid, s, Z, G, Hkv, N, N, acc, lse, merge=True,
-               phases=_phases, stage2_after=ev if i == 0 else None)
+        ls = _side_stream(dev, 2 + 2 * i) if apart else None
+        with _fork(ls):
+            fin = _level(mod, pl, lv, kept[i], q, k, v, valid, s, Z, G, Hkv, N, N, acc, lse, merge=True,
+                         phases=_phases, key_stream=_side_stream(dev, 3 + 2 * i) if apart else None,
+                         defer_stage2=True)
+        merges.append((fin, ls))
+        if apart and i + 1 < len(pl.levels):
+            continue
+        for fin, ls in merges:
+            _join(ls)
+            if ev is not None:
+                torch.cuda.current_stream(dev).wait_event(ev)
+                ev = None
+            fin()
+        merges = []
     _join(ex)
-    if direct or "cast" not in _phases:
+    if ex is not None:
+        # allocated on the side stream when cuDNN made it, and used on the caller's: tell the allocator
+        acc.record_stream(torch.cuda.current_stream(dev))
+    if acc.dtype == q.dtype or "cast" not in _phases:
         return done(acc)
     return done(acc.to(q.dtype))
 
@@ -175,10 +209,12 @@ def _init_index(valid, lv, Hkv, C):
 
 
 def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M, out, lse, *, merge, phases,
-           stage2_after=None):
+           key_stream=None, defer_stage2=False):
     """One acausal MuSe problem batch. The query side (k-means, scatter, centroids and directions) runs on the
     caller's stream; the key side (k-means, scatter) and the guard samples' exact attention run at the same
-    time on a side stream (on CUDA), joined before stage 1. ``stage2_after``: an event stage 2 waits for."""
+    time on a side stream (on CUDA; ``key_stream``, else side stream 0), joined before stage 1.
+    ``defer_stage2``: return stage 2's launch as a function instead of running it (it reads only q, the
+    kept state and out/lse, so it may run later on another stream)."""
     dev = q.device
     spec = pl.spec
     BD, BDV = spec.bd, spec.bdv
@@ -245,7 +281,7 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
         acount = kept["acnt"]
     init = _init_index(valid, lv, Hkv, Ck) if valid is not None else None
     dummy = zbuf
-    side = _side_stream(dev) if pl.overlap else None
+    side = (key_stream or _side_stream(dev)) if pl.overlap else None
 
     with _fork(side):
         # key side: Lloyd passes, counting-sort scatter, and the guard samples' exact attention
@@ -308,13 +344,15 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
                 _DEBUG.update(kassign=kassign, qcnt=qcnt, kcnt=kcnt, numden=lam.clone(), kt=kt, vt=vt, beta=beta,
                               gs=gs, sig=sig, po=po, plse=plse, qbar=qbar, u=u, qassign=qassign,
                               dims=(NSq, ns, Cq, Ck, BD, BDV, G, Lf, KS))
-    if "stage2" in phases:
-        if stage2_after is not None:
-            torch.cuda.current_stream(dev).wait_event(stage2_after)
-        mod.stage2[(NSq, Cq)](q, scale, aperm, acount, kt, vt, beta, gs, sig, qbar, u, lam, out, lse,
-                              G, P, N, lv.ans_off, ps, La,
-                              CQ=Cq, CK=Ck, BCQ=BCq, BCK=BCk, BM=pl.bm_stage2, MERGE=merge,
-                              **kw_s2)
+    def stage2():
+        if "stage2" in phases:
+            mod.stage2[(NSq, Cq)](q, scale, aperm, acount, kt, vt, beta, gs, sig, qbar, u, lam, out, lse,
+                                  G, P, N, lv.ans_off, ps, La,
+                                  CQ=Cq, CK=Ck, BCQ=BCq, BCK=BCk, BM=pl.bm_stage2, MERGE=merge,
+                                  **kw_s2)
+    if defer_stage2:
+        return stage2
+    stage2()
 
 
 def _level_state(pl: KernelPlan, lv, kept: dict) -> dict:
@@ -624,6 +662,8 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
 # float32, N not a multiple of the chunk) or with an empty tuple. cuDNN's took 1.80 ms against flash's
 # 2.85 ms for the 4096-token chunks at 16k (B·H = 32, D = 64, H100; benchmarks/exact_bwd_backends.py).
 EXACT_BWD_BACKENDS = ("cudnn", "flash")
+# The exact causal part's forward, likewise (the op's exact_causal kernel where none takes the call).
+EXACT_FWD_BACKENDS = ("cudnn", "flash")
 _SDPA_ARGS: dict = {}
 _SDPA_FAILED: set = set()
 
@@ -642,6 +682,49 @@ def _sdpa_bookkeeping(backend, dev, dtype, D):
     return _SDPA_ARGS[key]
 
 
+def _exact_sdpa_applies(q, k, v, E, valid) -> bool:
+    """Whether torch's cuDNN / flash SDPA kernels can do the exact causal part (causal attention inside aligned
+    chunks of E tokens, each chunk one sequence of a batch): CUDA, 16-bit, no padding mask, N a multiple of
+    E, equal head dims that the kernels take."""
+    N, D, Dv = q.shape[2], q.shape[-1], v.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and valid is None and E > 0 and N % E == 0
+            and D == Dv and D % 8 == 0 and D <= 256)
+
+
+def _exact_forward_sdpa(q, k, v, scale, E, valid, lse_out):
+    """The exact causal part's output ``[B, H, N, Dv]`` (input dtype, contiguous) from the first of torch's
+    cuDNN or flash-attention forward kernels that takes the call, its log-sum-exp written into ``lse_out``
+    ``[B, H, N]``; None where neither applies (``_exact_sdpa_applies``) or both raise. cuDNN did these chunks
+    faster than the op's own ``exact_causal`` kernel (``docs/kernel-notes.md``, v16)."""
+    if not _exact_sdpa_applies(q, k, v, E, valid):
+        return None
+    B, H, N, D = q.shape
+    G = H // k.shape[1]
+
+    def chunks(t):
+        return t.reshape(-1, 1, E, t.shape[-1])
+
+    kk, vv = (k, v) if G == 1 else (k.repeat_interleave(G, 1), v.repeat_interleave(G, 1))
+    for backend in EXACT_FWD_BACKENDS:
+        key = ("fwd", backend, q.device, q.dtype, D)
+        if key in _SDPA_FAILED:
+            continue
+        try:
+            if backend == "cudnn":
+                r = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    chunks(q), chunks(kk), chunks(vv), None, True, 0.0, True, False, scale=float(scale))
+            else:
+                r = torch.ops.aten._scaled_dot_product_flash_attention(
+                    chunks(q), chunks(kk), chunks(vv), 0.0, True, False, scale=float(scale))
+        except (RuntimeError, NotImplementedError) as e:
+            _SDPA_FAILED.add(key)
+            log.info("exact-part forward: %s not usable here (%s); trying the next", backend, str(e)[:200])
+            continue
+        lse_out.copy_(r[1].reshape(B, H, N))
+        return r[0].reshape(B, H, N, v.shape[-1]).contiguous()
+    return None
+
+
 def _exact_backward_sdpa(grad, q, k, v, out, lse, scale, E, valid):
     """The exact part's gradients ``(dq, dk, dv)`` (causal attention inside aligned chunks of E tokens; input
     dtype, dk/dv float32 when summed over G query heads) by torch's cuDNN or flash-attention backward kernel;
@@ -655,8 +738,7 @@ def _exact_backward_sdpa(grad, q, k, v, out, lse, scale, E, valid):
     that raises (unsupported here) is not tried again for that device, dtype and head dim."""
     B, H, N, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and valid is None
-            and E > 0 and N % E == 0 and D == Dv and D % 8 == 0 and D <= 256):
+    if not _exact_sdpa_applies(q, k, v, E, valid):
         return None
     G = H // Hkv
 

@@ -312,11 +312,11 @@ def stage1(K, V, qbar, u, permk, cntk, kmu, kt_out, vt_out, beta_out, g_out, sig
     offs_a = blk * BA + tl.arange(0, BA)
     amask = offs_a < A
     arow = zp.to(tl.int64) * A + offs_a
-    qb = tl.load(qbar + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
-    qb_c = qb.to($CDT)
+    # q̄ and u are stored already rounded to $CDT (centroid_dir), so their $CDT copies are exact and no
+    # float32 copy stays live through the loop (stage 1 is register-bound)
+    qb_c = tl.load(qbar + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0).to($CDT)
     if $DIPOLE:
-        uu = tl.load(u + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
-        uu_c = uu.to($CDT)
+        uu_c = tl.load(u + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0).to($CDT)
     for jj in range(JB):
         j = tl.minimum(jb * JB + jj, CK - 1)   # a block past the last cluster redoes it (same values)
         n_j, start_j = _segment(cntk, zp, j, CK, BCK)
@@ -325,7 +325,7 @@ def stage1(K, V, qbar, u, permk, cntk, kmu, kt_out, vt_out, beta_out, g_out, sig
             # u·k is measured from u·μ_j (μ_j: the cluster's k-means centroid), so the tilted moments behind
             # g and σ do not cancel: E[w·u·k]² ≫ Var(u·k) for tight clusters, and 16-bit products lose Var
             kmu_j = tl.load(kmu + (zp.to(tl.int64) * CK + j) * $BD + offs_d)
-            shift = tl.sum(uu * kmu_j[None, :], 1)
+            shift = tl.sum(uu_c.to(tl.float32) * kmu_j[None, :], 1)
             acc_g = tl.zeros([BA, $BDV], dtype=tl.float32)
             acc_s = tl.zeros([BA], dtype=tl.float32)
         m = tl.full([BA], float("-inf"), tl.float32)
@@ -361,13 +361,14 @@ def stage1(K, V, qbar, u, permk, cntk, kmu, kt_out, vt_out, beta_out, g_out, sig
         # k̃ is stored in kt_out's dtype; β uses the stored k̃, so a stage-2 score q·k̃ + β is off by
         # (q − q̄)·δk̃ only. σ and g (differences of nearly equal tilted moments) use the float32 k̃.
         kt_r = kt.to(kt_out.dtype.element_ty)
-        beta = tl.where(ne, tl.log(tl.where(ne, l, 1.0)) + m - tl.sum(kt_r.to(tl.float32) * qb, 1), float("-inf"))
+        beta = tl.where(ne, tl.log(tl.where(ne, l, 1.0)) + m - tl.sum(kt_r.to(tl.float32) * qb_c.to(tl.float32), 1),
+                        float("-inf"))
         orow = arow * CK + j
         tl.store(kt_out + orow[:, None] * $BD + offs_d[None, :], kt_r, mask=amask[:, None])
         tl.store(vt_out + orow[:, None] * $BDV + offs_v[None, :], vt.to(vt_out.dtype.element_ty), mask=amask[:, None])
         tl.store(beta_out + orow, beta, mask=amask)
         if $DIPOLE:
-            ukt = tl.sum(kt * uu, 1) - shift
+            ukt = tl.sum(kt * uu_c.to(tl.float32), 1) - shift
             gg = acc_g * inv[:, None] - ukt[:, None] * vt
             tl.store(g_out + orow[:, None] * $BDV + offs_v[None, :], gg.to(g_out.dtype.element_ty), mask=amask[:, None])
             tl.store(sig_out + orow, tl.sqrt(tl.maximum(acc_s * inv - ukt * ukt, 0.0)), mask=amask)
