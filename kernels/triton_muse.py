@@ -235,6 +235,10 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
     if pl.stages_stage:
         kw_s["num_stages"] = pl.stages_stage
     kw_s2 = dict(kw_s, num_warps=pl.warps_stage2 or pl.warps_stage)
+    if pl.maxnreg_stage2:
+        kw_s2["maxnreg"] = pl.maxnreg_stage2
+    if pl.maxnreg_stage1:
+        kw_s["maxnreg"] = pl.maxnreg_stage1
     pa = pl.pos_atomic
     tiles = functools.partial(_tiles, target=pl.kmeans_programs)
     fit_off, k_off, ps = 0, 0, lv.pair_stride

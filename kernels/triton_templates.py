@@ -521,6 +521,11 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
             lm = _dipole_scale(lam, s)
             sg = tl.load(sig + srow, mask=kmask, other=1.0)
             bnd = $TRUST / tl.maximum(sg, 1e-30)
+            # t = (scale·q − q̄)·u as scale·(q·u) − q̄·u, q·u a tensor-core product with u in the first of 16
+            # columns: no float32 copy of the query tile stays live (stage 2 is register-bound)
+            offs_c = tl.arange(0, 16)
+            uc = tl.where(offs_c[None, :] == 0, uu[:, None], 0.0).to($CDT)
+            qbu = tl.sum(qb * uu, 0)
         for t in range(0, n_a, BM):
             offs = t + tl.arange(0, BM)
             msk = offs < n_a
@@ -538,7 +543,8 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
             o = tl.dot(pr.to($CDT), vtl, input_precision="$PREC") * inv[:, None]
             ls = tl.where(ne, mr0 + tl.log(tl.where(ne, l, 1.0)), float("-inf"))
             if $DIPOLE:
-                tt = tl.sum((qv.to(tl.float32) * scale_q - qb[None, :]) * uu[None, :], 1)
+                qu = tl.dot(qv, uc, input_precision="$PREC")
+                tt = tl.sum(tl.where(offs_c[None, :] == 0, qu, 0.0), 1) * scale_q - qbu
                 tcm = tl.minimum(tl.maximum(tt[:, None], -bnd[None, :]), bnd[None, :])
                 o += (lm * inv)[:, None] * tl.dot((pr * tcm).to($CDT), gl, input_precision="$PREC")
             optr = out + rows[:, None] * $DV + offs_v[None, :]

@@ -78,6 +78,8 @@ class KernelPlan:
     #                                   at D = 64 both take 0.06 ms at 8k, at D = 128 0.30 vs 0.44 ms)
     warps_centroid: int = 2           # centroid_dir at 8k, C = 64 (H100): 2 warps 0.050 ms, 4 warps 0.074, 8 0.099
     overlap: bool = True              # key side / exact part on side streams, concurrent with the query side
+    maxnreg_stage1: int = 0           # register caps (0: none); a cap that makes ptxas spill was slower (v15)
+    maxnreg_stage2: int = 0
     # backward tiles. Shared memory on sm_90 (benchmarks/kernel_resources.py, triton 3.6 as on the device
     # machine, launches as specialised at run time): with 16-bit products stage1_bwd (64 centroids / 64 keys,
     # 4 warps) needs 112 KiB at D = 64, 256 KiB at D = 128 with 64 keys on 8 warps (so 32 keys there: 120
@@ -291,9 +293,9 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
     big = width >= 128
     ws = sum(_level_scratch(lv, Z, G, iters, bd, bdv, dipole, interpret) for lv in levels)
     if causal and levels:
-        ws += B * H * N * Dv * 4          # the float32 accumulator the parts merge into
+        ws += B * H * N * Dv * (2 if spec.native else 4)   # the accumulator the parts merge into
     ck = max((_pow2(lv.k_clusters) for lv in levels), default=16)
-    wc, pdot, ws2 = 2, False, 0
+    wc, pdot, ws2, mr2 = 2, False, 0, 0
     if interpret:
         bnk, bn1, ba1, bm2, bme, bne, warps, wk, wst = 32, 32, 32, 32, 32, 32, 4, 4, 4
     elif spec.native or not big:
@@ -310,6 +312,10 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
         bme, bne = (128, 64) if width <= 128 else (64, 64)
         # 8 warps for k-means: 0.251 vs 0.296 ms at 8k, C=64, bf16 (H100, 2026-11-22)
         warps, wk, wst = 4, 8, 4
+        # stage 2 at width <= 64 with <= 64 key clusters fits 168 registers without spilling (188 uncapped):
+        # 3 blocks per SM instead of 2, 0.090 -> 0.076 ms at 8k, 0.250 -> 0.211 at causal 16k (H100,
+        # 2026-11-22). With 128 clusters, or float32 tiles, the cap spills 0.5-1.1 KiB per thread
+        mr2 = 168 if spec.native and width <= 64 and ck <= 64 else 0
         if big:
             # at width 128 the 4-warp stage 1 spills 3.2 KiB per thread, centroid_dir on 2 warps 9.4 KiB (its
             # [D, D] scatter matrix; 4.98 ms at 8k, D = 128, H100). centroid_dir with the power iteration as
@@ -326,7 +332,8 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
     return KernelPlan(spec=spec, batch=B, heads=H, kv_heads=Hkv, n=N, m=M, causal=causal, kmeans_iters=iters,
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
-                      warps_centroid=wc, power_dot=pdot, warps_stage2=ws2, workspace_bytes=ws, jb_stage1=2 if interpret else 1,
+                      warps_centroid=wc, power_dot=pdot, warps_stage2=ws2, maxnreg_stage2=mr2, workspace_bytes=ws,
+                      jb_stage1=2 if interpret else 1,
                       bm_exact_bwd=32 if interpret or big else 64, bn_exact_bwd=32 if interpret else 64,
                       bm_stage2_bwd=32 if interpret or not spec.native else 64, warps_bwd=8 if big else 4,
                       ba_stage1_bwd=32 if interpret or not spec.native else 64,
