@@ -612,6 +612,9 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
         bnd = $TRUST / tl.maximum(sg, 1e-30)
         dgl = tl.zeros([BCK, $BDV], dtype=tl.float32)
         dt_sum = tl.sum(tl.zeros([BM], dtype=tl.float32), 0)
+        offs_c = tl.arange(0, 16)
+        uc = tl.where(offs_c[None, :] == 0, uu[:, None], 0.0)
+        qbu = tl.sum(qb * uu, 0)
     for t in range(0, n_a, BM):
         offs = t + tl.arange(0, BM)
         msk = offs < n_a
@@ -631,7 +634,8 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
         pr = tl.where(msk[:, None], pr, 0.0)
         dp = _mm(do, tl.trans(vtl))
         if $DIPOLE:
-            tt = tl.sum((qr.to(tl.float32) * scale_q - qb[None, :]) * uu[None, :], 1)
+            # t as stage 2 computes it (the same rounding decides the clamp): scale·(q·u) − q̄·u
+            tt = tl.sum(tl.where(offs_c[None, :] == 0, _mm(qr, uc), 0.0), 1) * scale_q - qbu
             cl = tl.minimum(tl.maximum(tt[:, None], -bnd[None, :]), bnd[None, :])
             dgs = _mm(do, tl.trans(gl))        # δ·g_j
             dp += lm * cl * dgs

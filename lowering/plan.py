@@ -87,10 +87,14 @@ class KernelPlan:
     # KiB at D = 64; with float32 (tf32x3) products at D = 64 stage1_bwd (32/32) 144 KiB, stage2_bwd 176 KiB
     # and the exact kernels 193 / 160 KiB.
     ba_stage1_bwd: int = 64           # all of A = G·Cq in one block where it fits: dk, dv without atomics
-    bn_stage1_bwd: int = 64
+    bn_stage1_bwd: int = 32
     bm_exact_bwd: int = 64
     bn_exact_bwd: int = 64
-    bm_stage2_bwd: int = 64           # float32 products: 32 (stage2_bwd at C = 64: 177 KiB; 64 rows overflow)
+    # 32-row / 32-key tiles: stage2_bwd spills 120 B per thread instead of 840 with 64 rows, stage1_bwd 280 B
+    # instead of 840 with 64 keys; at 8k, D = 64, C = 64 (H100, 2026-11-22): stage2_bwd 0.292 -> 0.242 ms,
+    # stage1_bwd 0.434 -> 0.418 (causal 16k: 0.670 -> 0.478, 1.036 -> 0.927); at D = 128 stage2_bwd
+    # 0.885 -> 0.683 ms at 8k, 2.01 -> 0.98 at causal 16k. float32 products need 32 rows anyway (64: 177 KiB)
+    bm_stage2_bwd: int = 32
     warps_bwd: int = 4                # 4 vs 8 warps at 8k, C = 64: stage1_bwd 0.48 vs 0.69 ms, stage2_bwd 0.42 vs 0.47
     bwd_16bit_accumulators: bool = True   # 16-bit path: dq, dk, dv accumulate in the input dtype (no float32
     #                                       copies and casts); float32 where dk/dv need float atomics
@@ -335,9 +339,8 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
                       warps_centroid=wc, power_dot=pdot, warps_stage2=ws2, maxnreg_stage2=mr2, workspace_bytes=ws,
                       jb_stage1=2 if interpret else 1,
                       bm_exact_bwd=32 if interpret or big else 64, bn_exact_bwd=32 if interpret else 64,
-                      bm_stage2_bwd=32 if interpret or not spec.native else 64, warps_bwd=8 if big else 4,
-                      ba_stage1_bwd=32 if interpret or not spec.native else 64,
-                      bn_stage1_bwd=32 if interpret or not spec.native or big else 64)
+                      warps_bwd=8 if big else 4,
+                      ba_stage1_bwd=32 if interpret or not spec.native else 64, bn_stage1_bwd=32)
 
 
 def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: int = 128,
