@@ -7,8 +7,10 @@ Per acausal problem batch (the whole acausal op, or one dyadic level of the caus
 all batch·heads in each launch): k-means passes for queries and keys (fused distance GEMM + argmin + atomic
 per-cluster sums/counts, one launch per Lloyd step), counting-sort scatter of each set by cluster, query
 centroids + dipole directions, stage 1 (tilted summaries), the guard samples' exact attention (token
-order, key set in chunks), guard (λ per head), stage 2 (summary attention + dipole, written in place or LSE-merged). The causal op first
-runs exact causal attention inside aligned chunks (local blocks + the exact levels), then its MuSe levels.
+order, key set in chunks), guard (λ per head), stage 2 (summary attention + dipole, written in place or LSE-merged). The causal op
+runs exact causal attention inside aligned chunks (local blocks + the exact levels; torch's cuDNN / flash SDPA
+forward where it applies, else ``exact_causal``) on a side stream while its MuSe levels cluster, each level on
+its own streams, then LSE-merges the levels' stage 2 into that output in order.
 No host synchronisation: every shape is known from the plan; the workspaces have their maximum sizes.
 """
 from __future__ import annotations
