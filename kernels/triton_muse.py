@@ -131,11 +131,15 @@ def muse_attention(q, k, v, *, causal=False, scale=None, clusters=128, query_clu
                          phases=_phases, key_stream=_side_stream(dev, 3 + 2 * i) if apart else None,
                          defer_stage2=True)
         merges.append((fin, ls))
-    if ev is not None:
-        torch.cuda.current_stream(dev).wait_event(ev)
-    for fin, ls in merges:
-        _join(ls)
-        fin()
+        if apart and i + 1 < len(pl.levels):
+            continue
+        for fin, ls in merges:
+            _join(ls)
+            if ev is not None:
+                torch.cuda.current_stream(dev).wait_event(ev)
+                ev = None
+            fin()
+        merges = []
     _join(ex)
     if ex is not None:
         # allocated on the side stream when cuDNN made it, and used on the caller's: tell the allocator
