@@ -24,6 +24,8 @@ def main():
     ap.add_argument("--per-launch", action="store_true", help="also list every launch of one call in order")
     ap.add_argument("--compact", action="store_true", help="one line of kernel times per variant")
     ap.add_argument("--graph", action="store_true", help="also time the call replayed from a CUDA graph")
+    ap.add_argument("--mixture", action="store_true",
+                    help="attention.py's Gaussian-mixture inputs (uneven clusters) instead of i.i.d. Gaussian ones")
     ap.add_argument("--exact-level-factor", type=int, default=0,
                     help="override lowering.schedule.EXACT_LEVEL_FACTOR (causal levels run exact below factor·C)")
     args = ap.parse_args()
@@ -34,7 +36,11 @@ def main():
         PL._plan.cache_clear()
     import triton
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(4, 8, args.n, args.d, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
+    if args.mixture:
+        from muse_compile.testing import shared_mixture_qkv
+        q, k, v = shared_mixture_qkv(4, 8, args.n, args.d, seed=args.n + args.d)
+    else:
+        q, k, v = (torch.randn(4, 8, args.n, args.d, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
     for tune in args.tune:
         T.TUNE.clear()
         T.TUNE.update(json.loads(tune))
@@ -66,7 +72,7 @@ def main():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 name = e.name.split("(")[0][:40]
                 tot[name] = tot.get(name, 0.0) + e.device_time_total / 5 / 1000
-        print(f"== tune={tune} N={args.n} C={args.clusters} causal={args.causal}{' backward' if args.backward else ''}: {ms:.3f} ms (do_bench median), "
+        print(f"== tune={tune} N={args.n} C={args.clusters} causal={args.causal}{' backward' if args.backward else ''}{' mixture' if args.mixture else ''}: {ms:.3f} ms (do_bench median), "
               f"graph {gms:.3f} ms, kernel sum {sum(tot.values()):.3f} ms")
         if args.compact:
             print("   " + ", ".join(f"{name} {t:.4f}" for name, t in sorted(tot.items(), key=lambda x: -x[1])))

@@ -325,7 +325,7 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
                                                      npq, BN * tq, C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa,
                                                      num_warps=nw)
         mod.centroid_dir[(NSq, Cq)](q, scale, qmu[T], qcnt[T], qperm, qbar, u, G, P, N, fit_off, ps, Lf,
-                                    C=Cq, BC=BCq, BN=min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS,
+                                    C=Cq, BC=BCq, BN=pl.bn_centroid or min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS,
                                     POWER_DOT=pl.power_dot, num_warps=pl.warps_centroid or nw)
         if not lv.same:
             mod.kmeans_pass[(NSq, npa)](

@@ -77,6 +77,8 @@ class KernelPlan:
     power_dot: bool = False           # centroid_dir's power iteration by tensor-core products (else reductions;
     #                                   at D = 64 both take 0.06 ms at 8k, at D = 128 0.30 vs 0.44 ms)
     warps_centroid: int = 2           # centroid_dir at 8k, C = 64 (H100): 2 warps 0.050 ms, 4 warps 0.074, 8 0.099
+    bn_centroid: int = 0              # centroid_dir's member tile (0: min(bn_stage1, 64)); 32 made it slower (0.062
+    #                                   -> 0.082 ms at 8k, H100), while stage 1 may want 32
     overlap: bool = True              # key side / exact part on side streams, concurrent with the query side
     maxnreg_stage1: int = 0           # register caps (0: none); a cap that makes ptxas spill was slower (v15)
     maxnreg_stage2: int = 0
@@ -299,14 +301,17 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
     if causal and levels:
         ws += B * H * N * Dv * (2 if spec.native else 4)   # the accumulator the parts merge into
     ck = max((_pow2(lv.k_clusters) for lv in levels), default=16)
-    wc, pdot, ws2, mr2 = 2, False, 0, 0
+    wc, pdot, ws2, mr2, bnc = 2, False, 0, 0, 0
     if interpret:
         bnk, bn1, ba1, bm2, bme, bne, warps, wk, wst = 32, 32, 32, 32, 32, 32, 4, 4, 4
     elif spec.native or not big:
         # Shared memory and spills of every launch: benchmarks/kernel_resources.py --grid (sm_90, triton 3.6)
         # 128-token k-means tiles at width 128 too: 0.33 -> 0.23 ms at 8k, D = 128 (H100, 2026-11-22)
         bnk = 128 if width <= 128 else 64
-        bn1 = 64
+        # stage 1 on 32-key tiles at width <= 64 (245 registers, no spills; 64 keys: 255 and 144 B of stack):
+        # 0.109 -> 0.104 ms at 8k, 0.263 -> 0.240 at causal 16k (H100, 2026-11-23); centroid_dir keeps 64-member
+        # tiles (32: 0.062 -> 0.082 ms)
+        bn1, bnc = (32, 64) if spec.native and width <= 64 else (64, 0)
         ba1 = 64
         # stage 2 holds a query cluster's CK summaries: at width 256 and 128 clusters the merging (causal)
         # variant needs 256 KiB with 64-row tiles, 208 KiB with 32
@@ -336,7 +341,7 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
     return KernelPlan(spec=spec, batch=B, heads=H, kv_heads=Hkv, n=N, m=M, causal=causal, kmeans_iters=iters,
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
-                      warps_centroid=wc, power_dot=pdot, warps_stage2=ws2, maxnreg_stage2=mr2, workspace_bytes=ws,
+                      warps_centroid=wc, bn_centroid=bnc, power_dot=pdot, warps_stage2=ws2, maxnreg_stage2=mr2, workspace_bytes=ws,
                       jb_stage1=2 if interpret else 1,
                       bm_exact_bwd=32 if interpret or big else 64, bn_exact_bwd=32 if interpret else 64,
                       warps_bwd=8 if big else 4,
