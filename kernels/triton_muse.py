@@ -280,11 +280,11 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
         u, sig, gs, lam = kept["u"], kept["sig"], kept["gs"], kept["lam"]
     else:
         u, sig, gs, po, plse, lam = qbar, beta, vt, vt, beta, beta
-    aperm = kept["aperm"]
+    aperm, qord, kord = kept["aperm"], kept["qord"], kept["kord"]
     if lv.same:
-        qperm, acount = aperm, qcnt[T]
+        qperm, acount, aord = aperm, qcnt[T], qord
     else:
-        acount = kept["acnt"]
+        acount, aord = kept["acnt"], kept["aord"]
     init = _init_index(valid, lv, Hkv, Ck) if valid is not None else None
     dummy = zbuf
     side = (key_stream or _side_stream(dev)) if pl.overlap else None
@@ -302,9 +302,9 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
                     1, P, M, k_off, ps, Lk, Hkv, r_k, npk,
                     C=Ck, BC=BCk, BN=BN, TILES=t_k, MODE=0 if t == 0 else 1, INIT_IDX=init is not None,
                     HAS_VALID=valid is not None, SUMS=not final, FINAL=final, POS_ATOMIC=pa, **kw_k)
-            mod.scatter_perm[(NSk, triton_cdiv(Lk, BN))](kcnt[T], kassign, kpos, kpb, kperm, 1, P, M, k_off, ps,
-                                                         Lk, npk, BN * tk, C=Ck, BC=BCk, BN=BN, POS_ATOMIC=pa,
-                                                         num_warps=nw)
+            mod.scatter_perm[(NSk, triton_cdiv(Lk, BN))](
+                kcnt[T], kassign, kpos, kpb, kperm, kord, 1, P, M, k_off, ps, Lk, npk, BN * tk,
+                C=Ck, BC=BCk, BN=BN, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
         if spec.dipole and "stage1" in phases:
             mod.guard_exact[(NSk, KS, nsb)](
                 q, k, v, scale, valid if valid is not None else q, po, plse,
@@ -321,26 +321,27 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
                 dummy, G, P, N, fit_off, ps, Lf, Hkv, r_q, npq,
                 C=Cq, BC=BCq, BN=BN, TILES=t_q, MODE=0 if t == 0 else 1, INIT_IDX=False, HAS_VALID=False,
                 SUMS=not final, FINAL=final, POS_ATOMIC=pa, **kw_k)
-        mod.scatter_perm[(NSq, triton_cdiv(Lf, BN))](qcnt[T], qassign, qpos, qpb, qperm, G, P, N, fit_off, ps, Lf,
-                                                     npq, BN * tq, C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa,
-                                                     num_warps=nw)
-        mod.centroid_dir[(NSq, Cq)](q, scale, qmu[T], qcnt[T], qperm, qbar, u, G, P, N, fit_off, ps, Lf,
-                                    C=Cq, BC=BCq, BN=pl.bn_centroid or min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS,
-                                    POWER_DOT=pl.power_dot, num_warps=pl.warps_centroid or nw)
+        mod.scatter_perm[(NSq, triton_cdiv(Lf, BN))](
+            qcnt[T], qassign, qpos, qpb, qperm, qord, G, P, N, fit_off, ps, Lf, npq, BN * tq,
+            C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
+        mod.centroid_dir[(NSq, Cq)](
+            q, scale, qmu[T], qcnt[T], qperm, qord, qbar, u, G, P, N, fit_off, ps, Lf,
+            C=Cq, BC=BCq, BN=pl.bn_centroid or min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS,
+            POWER_DOT=pl.power_dot, num_warps=pl.warps_centroid or nw)
         if not lv.same:
             mod.kmeans_pass[(NSq, npa)](
                 q, scale, dummy, qbar, dummy, acount, dummy, dummy, acount, aassign, apos, apb, dummy,
                 G, P, N, lv.ans_off, ps, La, Hkv, 1, npa,
                 C=Cq, BC=BCq, BN=BN, TILES=ta, MODE=2, INIT_IDX=False, HAS_VALID=False, SUMS=False, FINAL=True,
                 POS_ATOMIC=pa, **kw_k)
-            mod.scatter_perm[(NSq, triton_cdiv(La, BN))](acount, aassign, apos, apb, aperm, G, P, N, lv.ans_off, ps,
-                                                         La, npa, BN * ta, C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa,
-                                                         num_warps=nw)
+            mod.scatter_perm[(NSq, triton_cdiv(La, BN))](
+                acount, aassign, apos, apb, aperm, aord, G, P, N, lv.ans_off, ps, La, npa, BN * ta,
+                C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
     _join(side)
     BA = pl.ba_stage1
     if "stage1" in phases:
         mod.stage1[(NSk, triton_cdiv(Ck, pl.jb_stage1), triton_cdiv(A, BA))](
-            k, v, qbar, u, kperm, kcnt[T], kmu[T], kt, vt, beta, gs, sig, G, P, M, k_off, ps, Lk,
+            k, v, qbar, u, kperm, kcnt[T], kord, kmu[T], kt, vt, beta, gs, sig, G, P, M, k_off, ps, Lk,
             CQ=Cq, CK=Ck, BCK=BCk, BA=BA, BN=pl.bn_stage1, JB=pl.jb_stage1, **kw_s)
         if spec.dipole:
             mod.guard[(NSq, ns)](q, scale, qbar, u, qassign, kt, vt, beta, gs, sig, po, plse, lam,
@@ -352,7 +353,7 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
                               dims=(NSq, ns, Cq, Ck, BD, BDV, G, Lf, KS))
     def stage2():
         if "stage2" in phases:
-            mod.stage2[(NSq, Cq)](q, scale, aperm, acount, kt, vt, beta, gs, sig, qbar, u, lam, out, lse,
+            mod.stage2[(NSq, Cq)](q, scale, aperm, acount, aord, kt, vt, beta, gs, sig, qbar, u, lam, out, lse,
                                   G, P, N, lv.ans_off, ps, La,
                                   CQ=Cq, CK=Ck, BCQ=BCq, BCK=BCk, BM=pl.bm_stage2, MERGE=merge,
                                   **kw_s2)
@@ -367,7 +368,8 @@ def _level_state(pl: KernelPlan, lv, kept: dict) -> dict:
     Z, G = pl.batch * pl.kv_heads, pl.groups
     P = lv.pairs
     st = dict(qassign=kept["qassign"], fcnt=kept["qcnt"], qperm=kept["aperm"],
-              qcnt=kept["qcnt"] if lv.same else kept["acnt"], kperm=kept["kperm"], kcnt=kept["kcnt"],
+              qcnt=kept["qcnt"] if lv.same else kept["acnt"], qord=kept["qord"] if lv.same else kept["aord"],
+              kperm=kept["kperm"], kcnt=kept["kcnt"], kord=kept["kord"],
               kmu=kept["kmu"], qbar=kept["qbar"], kt=kept["kt"], vt=kept["vt"], beta=kept["beta"])
     if pl.spec.dipole:
         st.update(u=kept["u"], lam=kept["lam"], gs=kept["gs"], sig=kept["sig"])
@@ -458,6 +460,12 @@ def _pow2(n: int, lo: int = 16) -> int:
     return p
 
 
+def _size_order(cnt):
+    """``[sets, C]`` counts -> each set's clusters by size, largest first, ties in index order (int32; what
+    ``scatter_perm`` writes for the per-cluster kernels)."""
+    return torch.sort(cnt.to(torch.int64), dim=1, descending=True, stable=True).indices.to(torch.int32).contiguous()
+
+
 def _pad_rows(t, width):
     """``[..., w]`` -> contiguous float32 ``[..., width]`` rows, zero-padded (the kernels' summary layout)."""
     out = torch.zeros(*t.shape[:-1], width, device=t.device, dtype=torch.float32)
@@ -500,6 +508,7 @@ def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, 
     perm = torch.argsort(a, dim=1, stable=True).to(torch.int32).contiguous()
     cnt = torch.zeros(NS, Cq, device=dev, dtype=torch.int64).scatter_add_(1, a, torch.ones_like(a))
     cnt = cnt.to(torch.int32).contiguous()
+    order = _size_order(cnt)
     lam2 = torch.stack([lam.reshape(NS).to(f32), torch.ones(NS, device=dev, dtype=f32)], 1).contiguous()
     ktp, vtp = _pad_rows(kt, BD), _pad_rows(vt, BDV)
     gp = _pad_rows(g, BDV) if dipole else vtp
@@ -515,7 +524,7 @@ def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, 
         lse_f = merged[0].to(f32).contiguous()
         delta = (dout.to(f32) * merged[1].to(f32)).sum(-1).contiguous()
     mod.stage2_bwd[(NS, Cq)](
-        q.contiguous(), float(scale), perm, cnt, ktp, vtp, beta.to(f32).contiguous(), gp, sg, qb, uu, lam2,
+        q.contiguous(), float(scale), perm, cnt, order, ktp, vtp, beta.to(f32).contiguous(), gp, sg, qb, uu, lam2,
         dout.contiguous(), lse_f, delta, dq, dkt, dvt, dbeta, dg, dqb,
         G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2_bwd,
         GLOBAL=merged is not None, num_warps=pl.warps_bwd)
@@ -550,6 +559,7 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
     permk = torch.argsort(ka, dim=1, stable=True).to(torch.int32).contiguous()
     cntk = torch.zeros(Z, Ck + 1, device=dev, dtype=torch.int64).scatter_add_(1, ka, torch.ones_like(ka))
     cntk = cntk[:, :Ck].to(torch.int32).contiguous()
+    ordk = _size_order(cntk)
     qb = _pad_rows(qbar, BD)
     uu = _pad_rows(u, BD) if dipole else qb
     # per-cluster key means: stage 1's shift of u·k (any per-cluster shift gives the same gradient)
@@ -563,7 +573,7 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
     dqb = torch.zeros(Z, A, BD, device=dev, dtype=f32)
     BA = pl.ba_stage1_bwd
     mod.stage1_bwd[(Z, Ck, triton_cdiv(A, BA))](
-        k.contiguous(), v.contiguous(), qb, uu, permk, cntk, kmu, dktp, dvtp, dbeta.to(f32).contiguous(), dgp,
+        k.contiguous(), v.contiguous(), qb, uu, permk, cntk, ordk, kmu, dktp, dvtp, dbeta.to(f32).contiguous(), dgp,
         dk, dv, dqb, A, 1, M, 0, 0, M, CQ=1, CK=Ck, BCK=_pow2(Ck), BA=BA, BN=pl.bn_stage1_bwd,
         KV_ATOMIC=A > BA, num_warps=pl.warps_bwd)
     return dk, dv, dqb[..., :D]
@@ -796,12 +806,12 @@ def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N,
     dqb = (torch.empty if pl.spec.dipole else torch.zeros)(NSq * Cq * BD, device=dev, dtype=f32)
     merged = lse is not None
     mod.stage2_bwd[(NSq, Cq)](
-        q, s, st["qperm"], st["qcnt"], st["kt"], st["vt"], st["beta"], st["gs"], st["sig"], st["qbar"], st["u"],
+        q, s, st["qperm"], st["qcnt"], st["qord"], st["kt"], st["vt"], st["beta"], st["gs"], st["sig"], st["qbar"], st["u"],
         st["lam"], grad, lse if merged else dq, delta if merged else dq, dq, dkt, dvt, dbeta, dg, dqb,
         G, P, N, st["ans_off"], st["ps"], st["La"],
         CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2_bwd, GLOBAL=merged, **kw)
     mod.stage1_bwd[(NSk, Ck, triton_cdiv(A, pl.ba_stage1_bwd))](
-        k, v, st["qbar"], st["u"], st["kperm"], st["kcnt"], st["kmu"], dkt, dvt, dbeta, dg, dk, dv, dqb,
+        k, v, st["qbar"], st["u"], st["kperm"], st["kcnt"], st["kord"], st["kmu"], dkt, dvt, dbeta, dg, dk, dv, dqb,
         G, P, M, 0, st["ps"], st["Lk"], CQ=Cq, CK=Ck, BCK=_pow2(Ck), BA=pl.ba_stage1_bwd, BN=pl.bn_stage1_bwd,
         KV_ATOMIC=A > pl.ba_stage1_bwd, **kw)
     # centroid step: q̄_a is the mean of its fit set's scaled queries (an empty cluster has no members)

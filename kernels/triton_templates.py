@@ -36,6 +36,16 @@ def _segment(cnt, row, c, C: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
+def _nth_largest(order, cnt, row, r, C: tl.constexpr, BC: tl.constexpr):
+    """(cluster, size, start) of the r-th largest cluster of a set (``order``: its clusters by size, written by
+    ``scatter_perm``). Per-cluster programs take their clusters largest first: with uneven clusters (real data,
+    mixtures) the longest programs then start in the first wave instead of trailing the launch."""
+    c = tl.load(order + row.to(tl.int64) * C + r)
+    n, start = _segment(cnt, row, c, C, BC)
+    return c, n, start
+
+
+@triton.jit
 def _answer_rows(s, G, P, N_TOT, A_OFF, A_PSTRIDE):
     """(problem zp, query head g, first query row) of query set s = zp·G + g whose rows start A_OFF into
     each pair (stage 2 and its backward: the answer sets; centroid_bwd: the fit sets, A_OFF = 0)."""
@@ -189,10 +199,13 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
 
 
 @triton.jit
-def scatter_perm(cnt, assign, pos, pbase, perm, GS, P, LEN_TOT, OFF, PSTRIDE, L, NPROG, TPP,
-                 C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, POS_ATOMIC: tl.constexpr):
+def scatter_perm(cnt, assign, pos, pbase, perm, order, GS, P, LEN_TOT, OFF, PSTRIDE, L, NPROG, TPP,
+                 C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, POS_ATOMIC: tl.constexpr,
+                 BY_SIZE: tl.constexpr):
     """Counting-sort scatter: perm[s, start(cluster) + position] = token index (the position plus its k-means
-    program's base offset when the positions are per program)."""
+    program's base offset when the positions are per program). The set's first program also writes
+    order[s] = its clusters by size, largest first (ties: lower index first), for ``_nth_largest`` (in index
+    order without BY_SIZE)."""
     s = tl.program_id(0)
     chunk = tl.program_id(1)
     zp = s // GS
@@ -202,6 +215,15 @@ def scatter_perm(cnt, assign, pos, pbase, perm, GS, P, LEN_TOT, OFF, PSTRIDE, L,
     cmask = offs_c < C
     cn = tl.load(cnt + s.to(tl.int64) * C + offs_c, mask=cmask, other=0)
     start = tl.cumsum(cn, 0) - cn
+    if chunk == 0:
+        if BY_SIZE:
+            # one sort key per cluster: size, then the reversed index (a descending sort keeps ties in index
+            # order)
+            key = tl.where(cmask, cn.to(tl.int64) * BC + (BC - 1 - offs_c), -1)
+            srt = tl.sort(key, descending=True)
+            tl.store(order + s.to(tl.int64) * C + offs_c, (BC - 1 - srt % BC).to(tl.int32), mask=cmask)
+        else:
+            tl.store(order + s.to(tl.int64) * C + offs_c, offs_c, mask=cmask)
     if not POS_ATOMIC:
         prog = (chunk * BN) // TPP
         start += tl.load(pbase + (s.to(tl.int64) * NPROG + prog) * C + offs_c, mask=cmask, other=0)
@@ -215,7 +237,7 @@ def scatter_perm(cnt, assign, pos, pbase, perm, GS, P, LEN_TOT, OFF, PSTRIDE, L,
 
 
 @triton.jit
-def centroid_dir(X, scale_x, mu, cnt, perm, qbar_out, u_out, GS, P, LEN_TOT, OFF, PSTRIDE, L,
+def centroid_dir(X, scale_x, mu, cnt, perm, order, qbar_out, u_out, GS, P, LEN_TOT, OFF, PSTRIDE, L,
                  C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, POWER_ITERS: tl.constexpr,
                  POWER_DOT: tl.constexpr):
     """Query centroids (member means; an empty cluster keeps its k-means centroid) and, with the dipole,
@@ -225,14 +247,13 @@ def centroid_dir(X, scale_x, mu, cnt, perm, qbar_out, u_out, GS, P, LEN_TOT, OFF
     causal forward gave NaN (H100, 2026-11-22), its strided fit leaving the centroid far from the mean
     relative to a tight cluster's spread."""
     s = tl.program_id(0)
-    a = tl.program_id(1)
     zp = s // GS
     g = s % GS
     z = zp // P
     p = zp % P
     row0 = (z * GS + g).to(tl.int64) * LEN_TOT + OFF + p * PSTRIDE
     wbase = s.to(tl.int64) * C
-    n_a, start = _segment(cnt, s, a, C, BC)
+    a, n_a, start = _nth_largest(order, cnt, s, tl.program_id(1), C, BC)
     offs_d = tl.arange(0, $BD)
     dmask = offs_d < $D
     rp = (wbase + a) * $BD + offs_d
@@ -291,7 +312,7 @@ def centroid_dir(X, scale_x, mu, cnt, perm, qbar_out, u_out, GS, P, LEN_TOT, OFF
 
 
 @triton.jit
-def stage1(K, V, qbar, u, permk, cntk, kmu, kt_out, vt_out, beta_out, g_out, sig_out,
+def stage1(K, V, qbar, u, permk, cntk, ordk, kmu, kt_out, vt_out, beta_out, g_out, sig_out,
            G, P, M_TOT, K_OFF, K_PSTRIDE, LK,
            CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr, BA: tl.constexpr, BN: tl.constexpr,
            JB: tl.constexpr):
@@ -318,8 +339,8 @@ def stage1(K, V, qbar, u, permk, cntk, kmu, kt_out, vt_out, beta_out, g_out, sig
     if $DIPOLE:
         uu_c = tl.load(u + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0).to($CDT)
     for jj in range(JB):
-        j = tl.minimum(jb * JB + jj, CK - 1)   # a block past the last cluster redoes it (same values)
-        n_j, start_j = _segment(cntk, zp, j, CK, BCK)
+        # largest clusters first; a block past the last cluster redoes it (same values)
+        j, n_j, start_j = _nth_largest(ordk, cntk, zp, tl.minimum(jb * JB + jj, CK - 1), CK, BCK)
         pbase = zp.to(tl.int64) * LK + start_j
         if $DIPOLE:
             # u·k is measured from u·μ_j (μ_j: the cluster's k-means centroid), so the tilted moments behind
@@ -490,7 +511,7 @@ def guard(Q, scale_q, qbar, u, fit_assign, kt, vt, beta, gsum, sig, po, plse, nu
 
 
 @triton.jit
-def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, lse_out,
+def stage2(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, lam, out, lse_out,
            G, P, N_TOT, A_OFF, A_PSTRIDE, LA,
            CQ: tl.constexpr, CK: tl.constexpr, BCQ: tl.constexpr, BCK: tl.constexpr, BM: tl.constexpr,
            MERGE: tl.constexpr):
@@ -498,9 +519,8 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
     attend the CK summaries of cluster a; dipole term scaled by λ; output written at the queries' own
     positions, or log-sum-exp merged into the accumulators when MERGE (causal levels)."""
     s = tl.program_id(0)
-    a = tl.program_id(1)
     zp, gq, row0 = _answer_rows(s, G, P, N_TOT, A_OFF, A_PSTRIDE)
-    n_a, start = _segment(cnt, s, a, CQ, BCQ)
+    a, n_a, start = _nth_largest(order, cnt, s, tl.program_id(1), CQ, BCQ)
     if n_a > 0:
         offs_d = tl.arange(0, $BD)
         dmask = offs_d < $D
@@ -565,7 +585,7 @@ def stage2(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, out, ls
 
 
 @triton.jit
-def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dout, lse_in, delta_in,
+def stage2_bwd(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, lam, dout, lse_in, delta_in,
                dq_out, dkt_out, dvt_out, dbeta_out, dg_out, dqbar_out,
                G, P, N_TOT, A_OFF, A_PSTRIDE, LA,
                CQ: tl.constexpr, CK: tl.constexpr, BCQ: tl.constexpr, BCK: tl.constexpr, BM: tl.constexpr,
@@ -585,9 +605,8 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
     summaries' rows (float32) and dq̄ per cluster. Assumes every query row and summary row belongs to one
     program (acausal layout: P = 1, or disjoint causal answer sets)."""
     s = tl.program_id(0)
-    a = tl.program_id(1)
     zp, gq, row0 = _answer_rows(s, G, P, N_TOT, A_OFF, A_PSTRIDE)
-    n_a, start = _segment(cnt, s, a, CQ, BCQ)
+    a, n_a, start = _nth_largest(order, cnt, s, tl.program_id(1), CQ, BCQ)
     offs_d = tl.arange(0, $BD)
     dmask = offs_d < $D
     offs_v = tl.arange(0, $BDV)
@@ -667,7 +686,7 @@ def stage2_bwd(Q, scale_q, perm, cnt, kt, vt, beta, gsum, sig, qbar, u, lam, dou
 
 
 @triton.jit
-def stage1_bwd(K, V, qbar, u, permk, cntk, kmu, dkt, dvt, dbeta, dg, dk_out, dv_out, dqbar_out,
+def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, dkt, dvt, dbeta, dg, dk_out, dv_out, dqbar_out,
                G, P, M_TOT, K_OFF, K_PSTRIDE, LK,
                CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr, BA: tl.constexpr, BN: tl.constexpr,
                KV_ATOMIC: tl.constexpr):
@@ -683,12 +702,11 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, kmu, dkt, dvt, dbeta, dg, dk_out, dv_
     blocks and key clusters add to the same rows; dk and dv without atomics when one block holds all
     centroids, KV_ATOMIC false)."""
     zp = tl.program_id(0)
-    j = tl.program_id(1)
     blk = tl.program_id(2)
     z = zp // P
     p = zp % P
     krow0 = z.to(tl.int64) * M_TOT + K_OFF + p * K_PSTRIDE
-    n_j, start_j = _segment(cntk, zp, j, CK, BCK)
+    j, n_j, start_j = _nth_largest(ordk, cntk, zp, tl.program_id(1), CK, BCK)
     pbase = zp.to(tl.int64) * LK + start_j
     offs_d = tl.arange(0, $BD)
     dmask = offs_d < $D

@@ -79,6 +79,8 @@ class KernelPlan:
     warps_centroid: int = 2           # centroid_dir at 8k, C = 64 (H100): 2 warps 0.050 ms, 4 warps 0.074, 8 0.099
     bn_centroid: int = 0              # centroid_dir's member tile (0: min(bn_stage1, 64)); 32 made it slower (0.062
     #                                   -> 0.082 ms at 8k, H100), while stage 1 may want 32
+    size_order: bool = True           # per-cluster programs take their clusters largest first (scatter_perm's
+    #                                   order; False: in index order)
     overlap: bool = True              # key side / exact part on side streams, concurrent with the query side
     maxnreg_stage1: int = 0           # register caps (0: none); a cap that makes ptxas spill was slower (v15)
     maxnreg_stage2: int = 0
@@ -164,7 +166,8 @@ def level_state_parts(lv: LevelPlan, Z: int, G: int, bd: int, bdv: int, dipole: 
     """What the backward needs of one MuSe problem batch, as ``(zero-initialised parts, other parts)``, each a
     list of ``(name, elements, kind)`` with kind ``"f32"``, ``"i32"`` or ``"sum"`` (the summaries' storage:
     the input's 16-bit dtype on the native path, else float32). ``qcnt``/``kcnt`` are the final k-means
-    counts, ``aperm``/``acnt`` the answer set's sort order and counts (the fit set's when they coincide)."""
+    counts, ``aperm``/``acnt`` the answer set's sort order and counts (the fit set's when they coincide),
+    ``qord``/``kord``/``aord`` each set's clusters by size (largest first; the per-cluster kernels' order)."""
     P = lv.pairs
     nsq, nsk = Z * P * G, Z * P
     cq, ck = lv.q_clusters, lv.k_clusters
@@ -175,8 +178,10 @@ def level_state_parts(lv: LevelPlan, Z: int, G: int, bd: int, bdv: int, dipole: 
     if dipole:
         zero.append(("lam", 2 * nsq, "f32"))
     rest = [("qassign", nsq * lv.fit_len, "i32"), ("aperm", nsq * lv.ans_len, "i32"),
-            ("kperm", nsk * lv.key_len, "i32"), ("kmu", nsk * ck * bd, "f32"), ("qbar", nsq * cq * bd, "f32"),
+            ("kperm", nsk * lv.key_len, "i32"), ("qord", nsq * cq, "i32"), ("kord", nsk * ck, "i32"), ("kmu", nsk * ck * bd, "f32"), ("qbar", nsq * cq * bd, "f32"),
             ("beta", n_sum, "f32"), ("kt", n_sum * bd, "sum"), ("vt", n_sum * bdv, "sum")]
+    if not lv.same:
+        rest.append(("aord", nsq * cq, "i32"))
     if dipole:
         rest += [("u", nsq * cq * bd, "f32"), ("sig", n_sum, "f32"), ("gs", n_sum * bdv, "sum")]
     return zero, rest

@@ -202,3 +202,29 @@ def test_causal_chunks_not_aligned_to_tiles():
     p = T.make_plan(q, k, v, causal=True, clusters=1, block_size=24, key_padding_mask=kpm)
     assert p.exact_chunk % p.bm_exact != 0 and p.levels
     _check(q, k, v, causal=True, clusters=1, block_size=24, key_padding_mask=kpm)
+
+
+def test_per_cluster_programs_take_clusters_largest_first():
+    """``scatter_perm`` writes each set's clusters by size (largest first, ties in index order) into the state;
+    the per-cluster kernels (centroids, stage 1, stage 2 and their backward) take their clusters in that order.
+    Checked on a causal call with a tail pair (answer sets apart from fit sets) and a padding mask: every
+    order is the stable descending sort of its set's final counts, and the op still equals the reference."""
+    B, H, Hkv, N, D = 2, 2, 1, 100, 16
+    q, k, v = _data(B, H, Hkv, N, N, D, D, torch.float32, seed=11)
+    kpm = torch.rand(B, N, generator=torch.Generator().manual_seed(5)) > 0.3
+    kw = dict(causal=True, clusters=4, kmeans_iters=1, block_size=16, key_padding_mask=kpm)
+    o, lse, state = T.muse_attention(q, k, v, return_state=True, **kw)
+    pl = T.make_plan(q, k, v, **kw)
+    _, kept = T.state_views(pl, state)
+    assert any(not lv.same for lv in pl.levels)
+    for lv, kp in zip(pl.levels, kept):
+        pairs = [("qord", "qcnt", lv.q_clusters), ("kord", "kcnt", lv.k_clusters)]
+        if not lv.same:
+            pairs.append(("aord", "acnt", lv.q_clusters))
+        for on, cn, C in pairs:
+            order, cnt = kp[on].view(-1, C).long(), kp[cn].view(-1, C)
+            assert torch.equal(order, T._size_order(cnt).long()), on
+            sizes = torch.gather(cnt, 1, order)
+            assert (sizes[:, 1:] <= sizes[:, :-1]).all() and (cnt > 0).any(), on
+    o0, _ = R.muse_attention(q, k, v, **kw)
+    assert _rel(o, o0) <= 1e-4
