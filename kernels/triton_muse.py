@@ -5,7 +5,8 @@ backward reads with ``return_state=True``); ``muse_attention_backward`` -> ``(dq
 
 Per acausal problem batch (the whole acausal op, or one dyadic level of the causal op with all its pairs,
 all batch·heads in each launch): k-means passes for queries and keys (fused distance GEMM + argmin + atomic
-per-cluster sums/counts, one launch per Lloyd step), counting-sort scatter of each set by cluster, query
+per-cluster sums/counts, one launch per Lloyd step), counting-sort scatter of each set by cluster (which also
+records the set's clusters by size: every per-cluster kernel takes its clusters largest first), query
 centroids + dipole directions, stage 1 (tilted summaries), the guard samples' exact attention (token
 order, key set in chunks), guard (λ per head), stage 2 (summary attention + dipole, written in place or LSE-merged). The causal op
 runs exact causal attention inside aligned chunks (local blocks + the exact levels; torch's cuDNN / flash SDPA
