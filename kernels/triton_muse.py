@@ -529,6 +529,7 @@ def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, 
         dout.contiguous(), lse_f, delta, dq, dkt, dvt, dbeta, dg, dqb,
         G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2_bwd,
         GLOBAL=merged is not None, num_warps=pl.warps_bwd)
+    dkt = dkt + dbeta[..., None] * qb[:, :, None, :]      # the kernel stores dk̃ − dβ·q̄
     grads = (dkt[..., :D], dvt[..., :Dv], dbeta, dg[..., :Dv] if dipole else None)
     return dq, grads, dqb[..., :D]
 
@@ -567,7 +568,9 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
     kmu = torch.zeros(Z, Ck + 1, BD, device=dev, dtype=f32)
     kmu[..., :D].scatter_add_(1, ka[..., None].expand(Z, M, D), k.to(f32))
     kmu = (kmu[:, :Ck] / cntk.to(f32).clamp(min=1)[..., None]).contiguous()
-    dktp, dvtp = _pad_rows(dkt, BD), _pad_rows(dvt, BDV)
+    # the kernel reads dk̃ − dβ·q̄ (as stage2_bwd stores it)
+    dktp = _pad_rows(dkt.to(f32) - dbeta.to(f32)[..., None] * qbar.to(f32)[:, :, None, :], BD)
+    dvtp = _pad_rows(dvt, BDV)
     dgp = _pad_rows(dg, BDV) if dipole else dvtp
     dk = torch.zeros(Z, M, D, device=dev, dtype=f32)
     dv = torch.zeros(Z, M, Dv, device=dev, dtype=f32)
@@ -799,11 +802,14 @@ def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N,
     D = q.shape[-1]
     dev, f32 = q.device, torch.float32
     n_sum = NSk * A * Ck
-    # stage2_bwd writes every summary row's gradient (and, with the dipole, every dq̄ row): no zero fill
-    dkt = torch.empty(n_sum * BD, device=dev, dtype=f32)
-    dvt = torch.empty(n_sum * BDV, device=dev, dtype=f32)
+    # stage2_bwd writes every summary row's gradient (and, with the dipole, every dq̄ row): no zero fill. On the
+    # 16-bit path the k̃, ṽ, g gradients are stored in the input dtype (stage1_bwd rounds them to it before use;
+    # the k̃ one centred, see stage2_bwd): half the bytes of the round trip between the two kernels
+    sdt = q.dtype if pl.spec.native else f32
+    dkt = torch.empty(n_sum * BD, device=dev, dtype=sdt)
+    dvt = torch.empty(n_sum * BDV, device=dev, dtype=sdt)
     dbeta = torch.empty(n_sum, device=dev, dtype=f32)
-    dg = torch.empty(n_sum * BDV, device=dev, dtype=f32) if pl.spec.dipole else dvt
+    dg = torch.empty(n_sum * BDV, device=dev, dtype=sdt) if pl.spec.dipole else dvt
     dqb = (torch.empty if pl.spec.dipole else torch.zeros)(NSq * Cq * BD, device=dev, dtype=f32)
     merged = lse is not None
     mod.stage2_bwd[(NSq, Cq)](

@@ -602,8 +602,10 @@ def stage2_bwd(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, l
     the final log-sum-exp L of the query and Σ_k p_k dp_k replaced by D = δ·o with the final output o (the
     flash-attention backward's identity: the merged softmax is one softmax over all parts' keys).
     Adds dq (for the unscaled queries: scale·dq) to the queries' rows, writes the per-summary gradients at the
-    summaries' rows (float32) and dq̄ per cluster. Assumes every query row and summary row belongs to one
-    program (acausal layout: P = 1, or disjoint causal answer sets)."""
+    summaries' rows in the buffers' dtype (16-bit on the 16-bit path: ``stage1_bwd`` rounds them to it anyway)
+    and dq̄ per cluster. The k̃ gradient is stored centred, dk̃ − dβ·q̄ = Σ dℓ (scale·q − q̄): that is the only
+    form ``stage1_bwd`` uses, and uncentred it would lose its small difference to 16-bit rounding. Assumes every
+    query row and summary row belongs to one program (acausal layout: P = 1, or disjoint causal answer sets)."""
     s = tl.program_id(0)
     zp, gq, row0 = _answer_rows(s, G, P, N_TOT, A_OFF, A_PSTRIDE)
     a, n_a, start = _nth_largest(order, cnt, s, tl.program_id(1), CQ, BCQ)
@@ -622,9 +624,9 @@ def stage2_bwd(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, l
     dkt = tl.zeros([BCK, $BD], dtype=tl.float32)
     dvt = tl.zeros([BCK, $BDV], dtype=tl.float32)
     dbt = tl.zeros([BCK], dtype=tl.float32)
+    qb = tl.load(qbar + arow * $BD + offs_d)
     if $DIPOLE:
         gl = tl.load(gsum + srow[:, None] * $BDV + offs_v[None, :], mask=kmask[:, None], other=0.0)
-        qb = tl.load(qbar + arow * $BD + offs_d)
         uu = tl.load(u + arow * $BD + offs_d)
         lm = _dipole_scale(lam, s)
         sg = tl.load(sig + srow, mask=kmask, other=1.0)
@@ -677,11 +679,13 @@ def stage2_bwd(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, l
         dqp = dq_out + rows[:, None] * $D + offs_d[None, :]
         dqm = msk[:, None] & dmask[None, :]
         tl.store(dqp, tl.load(dqp, mask=dqm, other=0.0) + dq * scale_q, mask=dqm)
-    tl.store(dkt_out + srow[:, None] * $BD + offs_d[None, :], dkt, mask=kmask[:, None])
-    tl.store(dvt_out + srow[:, None] * $BDV + offs_v[None, :], dvt, mask=kmask[:, None])
+    dkc = dkt - dbt[:, None] * qb[None, :]
+    tl.store(dkt_out + srow[:, None] * $BD + offs_d[None, :], dkc.to(dkt_out.dtype.element_ty), mask=kmask[:, None])
+    tl.store(dvt_out + srow[:, None] * $BDV + offs_v[None, :], dvt.to(dvt_out.dtype.element_ty), mask=kmask[:, None])
     tl.store(dbeta_out + srow, dbt, mask=kmask)
     if $DIPOLE:
-        tl.store(dg_out + srow[:, None] * $BDV + offs_v[None, :], dgl, mask=kmask[:, None])
+        tl.store(dg_out + srow[:, None] * $BDV + offs_v[None, :], dgl.to(dg_out.dtype.element_ty),
+                 mask=kmask[:, None])
         tl.store(dqbar_out + arow * $BD + offs_d, -dt_sum * uu)
 
 
@@ -695,7 +699,8 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, dkt, dvt, dbeta, dg, dk_ou
     The summaries are tilted moments: with p_k ∝ exp(q̄·k) over the cluster's keys, k̃ = E_p[k], ṽ = E_p[v],
     β = log Σ exp(q̄·k) − q̄·k̃, and with the dipole g = E_p[r v] − (u·k̃) ṽ (r = u·k). Given dk̃, dṽ, dβ, dg:
     the moments' adjoints are dM_k = dk̃ − dβ q̄ − (dg·ṽ) u, dM_v = dṽ − (u·k̃) dg, dM_rv = dg; with the
-    per-key adjoint φ_k = dM_k·k + dM_v·v + r_k dM_rv·v and Φ̄ = E_p[φ]:
+    per-key adjoint φ_k = dM_k·k + dM_v·v + r_k dM_rv·v and Φ̄ = E_p[φ] (``dkt`` holds dk̃ − dβ q̄, as
+    ``stage2_bwd`` stores it):
     dq̄ = Σ_k p_k (φ_k − Φ̄) k, dk_k = (p_k (φ_k − Φ̄) + p_k dβ) q̄ + p_k dM_k + p_k (dM_rv·v_k) u,
     dv_k = p_k (dM_v + r_k dM_rv). u and σ are constants, as in the reference. Pass 1 recomputes the moments
     (as ``stage1``), pass 2 accumulates; dk, dv, dq̄ are float32 and added with atomics (other centroid
@@ -751,14 +756,12 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, dkt, dvt, dbeta, dg, dk_ou
     mk = mk * inv[:, None]
     mv = mv * inv[:, None]
     orow = arow * CK + j
-    dk_t = tl.load(dkt + orow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
-    dv_t = tl.load(dvt + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None], other=0.0)
+    dmk = tl.load(dkt + orow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0).to(tl.float32)
+    dmv = tl.load(dvt + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None], other=0.0).to(tl.float32)
     db = tl.load(dbeta + orow, mask=amask & ne, other=0.0)
-    dmk = dk_t - db[:, None] * qb
-    dmv = dv_t
     if $DIPOLE:
         mrv = mrv * inv[:, None]
-        dgl = _rnd(tl.load(dg + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None], other=0.0))
+        dgl = _rnd(tl.load(dg + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None], other=0.0).to(tl.float32))
         ukt = tl.sum(uu * mk, 1) - shift
         dmk -= tl.sum(dgl * mv, 1)[:, None] * uu
         dmv -= ukt[:, None] * dgl
