@@ -227,7 +227,7 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
     BCq, BCk = _pow2(Cq), _pow2(Ck)
     T = pl.kmeans_iters
     Lf, Lk, La = lv.fit_len, lv.key_len, lv.ans_len
-    BN = pl.bn_kmeans
+    BN, BNS = pl.bn_kmeans, pl.bn_scatter
     A = G * Cq
     f32, i32 = torch.float32, torch.int32
     nw = pl.warps
@@ -303,9 +303,9 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
                     1, P, M, k_off, ps, Lk, Hkv, r_k, npk,
                     C=Ck, BC=BCk, BN=BN, TILES=t_k, MODE=0 if t == 0 else 1, INIT_IDX=init is not None,
                     HAS_VALID=valid is not None, SUMS=not final, FINAL=final, POS_ATOMIC=pa, **kw_k)
-            mod.scatter_perm[(NSk, triton_cdiv(Lk, BN))](
+            mod.scatter_perm[(NSk, triton_cdiv(Lk, BNS))](
                 kcnt[T], kassign, kpos, kpb, kperm, kord, 1, P, M, k_off, ps, Lk, npk, BN * tk,
-                C=Ck, BC=BCk, BN=BN, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
+                C=Ck, BC=BCk, BN=BNS, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
         if spec.dipole and "stage1" in phases:
             mod.guard_exact[(NSk, KS, nsb)](
                 q, k, v, scale, valid if valid is not None else q, po, plse,
@@ -322,9 +322,9 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
                 dummy, G, P, N, fit_off, ps, Lf, Hkv, r_q, npq,
                 C=Cq, BC=BCq, BN=BN, TILES=t_q, MODE=0 if t == 0 else 1, INIT_IDX=False, HAS_VALID=False,
                 SUMS=not final, FINAL=final, POS_ATOMIC=pa, **kw_k)
-        mod.scatter_perm[(NSq, triton_cdiv(Lf, BN))](
+        mod.scatter_perm[(NSq, triton_cdiv(Lf, BNS))](
             qcnt[T], qassign, qpos, qpb, qperm, qord, G, P, N, fit_off, ps, Lf, npq, BN * tq,
-            C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
+            C=Cq, BC=BCq, BN=BNS, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
         mod.centroid_dir[(NSq, Cq)](
             q, scale, qmu[T], qcnt[T], qperm, qord, qbar, u, G, P, N, fit_off, ps, Lf,
             C=Cq, BC=BCq, BN=pl.bn_centroid or min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS,
@@ -335,9 +335,9 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
                 G, P, N, lv.ans_off, ps, La, Hkv, 1, npa,
                 C=Cq, BC=BCq, BN=BN, TILES=ta, MODE=2, INIT_IDX=False, HAS_VALID=False, SUMS=False, FINAL=True,
                 POS_ATOMIC=pa, **kw_k)
-            mod.scatter_perm[(NSq, triton_cdiv(La, BN))](
+            mod.scatter_perm[(NSq, triton_cdiv(La, BNS))](
                 acount, aassign, apos, apb, aperm, aord, G, P, N, lv.ans_off, ps, La, npa, BN * ta,
-                C=Cq, BC=BCq, BN=BN, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
+                C=Cq, BC=BCq, BN=BNS, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
     _join(side)
     BA = pl.ba_stage1
     if "stage1" in phases:

@@ -202,10 +202,10 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
 def scatter_perm(cnt, assign, pos, pbase, perm, order, GS, P, LEN_TOT, OFF, PSTRIDE, L, NPROG, TPP,
                  C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, POS_ATOMIC: tl.constexpr,
                  BY_SIZE: tl.constexpr):
-    """Counting-sort scatter: perm[s, start(cluster) + position] = token index (the position plus its k-means
-    program's base offset when the positions are per program). The set's first program also writes
-    order[s] = its clusters by size, largest first (ties: lower index first), for ``_nth_largest`` (in index
-    order without BY_SIZE)."""
+    """Counting-sort scatter of BN tokens of one set: perm[s, start(cluster) + position] = token index (the
+    position plus its k-means program's base offset when the positions are per program). The set's first
+    program also writes order[s] = its clusters by size, largest first (ties: lower index first), for
+    ``_nth_largest`` (in index order without BY_SIZE)."""
     s = tl.program_id(0)
     chunk = tl.program_id(1)
     zp = s // GS
@@ -224,16 +224,17 @@ def scatter_perm(cnt, assign, pos, pbase, perm, order, GS, P, LEN_TOT, OFF, PSTR
             tl.store(order + s.to(tl.int64) * C + offs_c, (BC - 1 - srt % BC).to(tl.int32), mask=cmask)
         else:
             tl.store(order + s.to(tl.int64) * C + offs_c, offs_c, mask=cmask)
-    if not POS_ATOMIC:
-        prog = (chunk * BN) // TPP
-        start += tl.load(pbase + (s.to(tl.int64) * NPROG + prog) * C + offs_c, mask=cmask, other=0)
     offs_n = chunk * BN + tl.arange(0, BN)
     nmask = offs_n < Lp
     abase = s.to(tl.int64) * L
     a = tl.load(assign + abase + offs_n, mask=nmask, other=C)
-    ps = tl.load(pos + abase + offs_n, mask=nmask, other=0)
-    st = tl.sum(tl.where(a[:, None] == offs_c[None, :], start[None, :], 0), 1)
-    tl.store(perm + abase + st + ps, offs_n, mask=nmask & (a < C))
+    ok = nmask & (a < C)                       # masked keys carry the sentinel C
+    ac = tl.where(ok, a, 0)
+    # each token's cluster start by a register gather (no [BN, C] comparison), so BN can be large
+    st = tl.gather(start, ac, 0) + tl.load(pos + abase + offs_n, mask=nmask, other=0)
+    if not POS_ATOMIC:
+        st += tl.load(pbase + (s.to(tl.int64) * NPROG + offs_n // TPP) * C + ac, mask=ok, other=0)
+    tl.store(perm + abase + st, offs_n, mask=ok)
 
 
 @triton.jit

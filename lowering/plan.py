@@ -79,6 +79,10 @@ class KernelPlan:
     warps_centroid: int = 2           # centroid_dir at 8k, C = 64 (H100): 2 warps 0.050 ms, 4 warps 0.074, 8 0.099
     bn_centroid: int = 0              # centroid_dir's member tile (0: min(bn_stage1, 64)); 32 made it slower (0.062
     #                                   -> 0.082 ms at 8k, H100), while stage 1 may want 32
+    # tokens per scatter_perm program (the cluster starts by a register gather): 256 at 8k / 32k / causal 16k
+    # (mixture, H100, 2026-11-23): scatter 0.0105 / 0.036 / 0.035 ms, against 0.010 / 0.056 / 0.040 with 1024
+    # and 0.023 / 0.083-0.103 / 0.072 for the former 128-token [BN, C] comparison
+    bn_scatter: int = 256
     size_order: bool = True           # per-cluster programs take their clusters largest first (scatter_perm's
     #                                   order; False: in index order)
     overlap: bool = True              # key side / exact part on side streams, concurrent with the query side
@@ -347,7 +351,7 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
                       warps_centroid=wc, bn_centroid=bnc, power_dot=pdot, warps_stage2=ws2, maxnreg_stage2=mr2, workspace_bytes=ws,
-                      jb_stage1=2 if interpret else 1,
+                      jb_stage1=2 if interpret else 1, bn_scatter=32 if interpret else 256,
                       bm_exact_bwd=32 if interpret or big else 64, bn_exact_bwd=32 if interpret else 64,
                       warps_bwd=8 if big else 4,
                       ba_stage1_bwd=32 if interpret or not spec.native else 64, bn_stage1_bwd=32)
