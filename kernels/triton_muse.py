@@ -347,7 +347,7 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
         if spec.dipole:
             mod.guard[(NSq, ns)](q, scale, qbar, u, qassign, kt, vt, beta, gs, sig, po, plse, lam,
                                  G, P, N, fit_off, ps, Lf, ns, KS, CQ=Cq, CK=Ck, BCK=BCk, BKS=_pow2(KS, 2),
-                                 num_warps=nw)
+                                 num_warps=pl.warps_guard or nw)
             if _DEBUG is not None:
                 _DEBUG.update(kassign=kassign, qcnt=qcnt, kcnt=kcnt, numden=lam.clone(), kt=kt, vt=vt, beta=beta,
                               gs=gs, sig=sig, po=po, plse=plse, qbar=qbar, u=u, qassign=qassign,

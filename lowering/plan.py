@@ -77,6 +77,7 @@ class KernelPlan:
     power_dot: bool = False           # centroid_dir's power iteration by tensor-core products (else reductions;
     #                                   at D = 64 both take 0.06 ms at 8k, at D = 128 0.30 vs 0.44 ms)
     warps_centroid: int = 2           # centroid_dir at 8k, C = 64 (H100): 2 warps 0.050 ms, 4 warps 0.074, 8 0.099
+    warps_guard: int = 0              # 0: warps
     bn_centroid: int = 0              # centroid_dir's member tile (0: min(bn_stage1, 64)); 32 made it slower (0.062
     #                                   -> 0.082 ms at 8k, H100), while stage 1 may want 32
     # tokens per scatter_perm program (the cluster starts by a register gather): 256 at 8k / 32k / causal 16k
@@ -310,7 +311,7 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
     if causal and levels:
         ws += B * H * N * Dv * (2 if spec.native else 4)   # the accumulator the parts merge into
     ck = max((_pow2(lv.k_clusters) for lv in levels), default=16)
-    wc, pdot, ws2, mr2, bnc = 2, False, 0, 0, 0
+    wc, pdot, ws2, mr2, bnc, wg = 2, False, 0, 0, 0, 0
     if interpret:
         bnk, bn1, ba1, bm2, bme, bne, warps, wk, wst = 32, 32, 32, 32, 32, 32, 4, 4, 4
     elif spec.native or not big:
@@ -334,6 +335,9 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
         # 3 blocks per SM instead of 2, 0.090 -> 0.076 ms at 8k, 0.250 -> 0.211 at causal 16k (H100,
         # 2026-11-22). With 128 clusters, or float32 tiles, the cap spills 0.5-1.1 KiB per thread
         mr2 = 168 if spec.native and width <= 64 and ck <= 64 else 0
+        # the guard (one sample per program) on 2 warps at width <= 64 with <= 64 key clusters (119 registers):
+        # 0.026 -> 0.023 ms at 8k, 0.074 -> 0.068 at causal 16k (H100, 2026-11-23; 1 warp spills elsewhere)
+        wg = 2 if width <= 64 and ck <= 64 else 0
         if big:
             # at width 128 the 4-warp stage 1 spills 3.2 KiB per thread, centroid_dir on 2 warps 9.4 KiB (its
             # [D, D] scatter matrix; 4.98 ms at 8k, D = 128, H100). centroid_dir with the power iteration as
@@ -350,7 +354,7 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
     return KernelPlan(spec=spec, batch=B, heads=H, kv_heads=Hkv, n=N, m=M, causal=causal, kmeans_iters=iters,
                       has_mask=has_mask, exact_chunk=exact_chunk, levels=tuple(levels), bn_kmeans=bnk,
                       bn_stage1=bn1, ba_stage1=ba1, bm_stage2=bm2, bm_exact=bme, bn_exact=bne, warps=warps, warps_kmeans=wk, warps_stage=wst,
-                      warps_centroid=wc, bn_centroid=bnc, power_dot=pdot, warps_stage2=ws2, maxnreg_stage2=mr2, workspace_bytes=ws,
+                      warps_centroid=wc, warps_guard=wg, bn_centroid=bnc, power_dot=pdot, warps_stage2=ws2, maxnreg_stage2=mr2, workspace_bytes=ws,
                       jb_stage1=2 if interpret else 1, bn_scatter=32 if interpret else 256,
                       bm_exact_bwd=32 if interpret or big else 64, bn_exact_bwd=32 if interpret else 64,
                       warps_bwd=8 if big else 4,
