@@ -37,7 +37,8 @@ TUNE: dict = {}   # plan field overrides for tuning runs (e.g. {"warps_stage": 4
 # "native_16bit_in_interpreter" (run the GPU's 16-bit dot path in the interpreter; tests)
 # "exact_sdpa" (False: the causal op's exact part on the op's own exact_causal kernel instead of cuDNN/flash)
 # "level_streams" (False: the causal op's levels one after another on the caller's stream; timing only)
-_TUNE_EXTRA = ("fit_stride", "native_16bit_in_interpreter", "exact_sdpa", "level_streams")
+# "row_dot_side" (False: the causal backward's D = dO·o before the exact part's backward, not beside it)
+_TUNE_EXTRA = ("fit_stride", "native_16bit_in_interpreter", "exact_sdpa", "level_streams", "row_dot_side")
 
 
 def make_plan(q, k, v, *, causal=False, clusters=128, query_clusters=None, dipole=True, kmeans_iters=2,
@@ -655,9 +656,13 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
     else:
         delta = torch.empty(B, H, N, device=dev, dtype=f32)
         R = B * H * N
-        mod.row_dot[(triton_cdiv(R, 64),)](grad, out, delta, R, BR=64, num_warps=4)
+        # D = dO·o (memory-bound) on a side stream beside the exact part's backward (compute-bound)
+        side = _side_stream(dev, 1) if pl.overlap and TUNE.get("row_dot_side", True) else None
+        with _fork(side):
+            mod.row_dot[(triton_cdiv(R, 64),)](grad, out, delta, R, BR=64, num_warps=4)
         # the exact part's gradients start the accumulators (no zero fill)
         grads = _exact_backward_sdpa(grad, q, k, v, out, lse, s, pl.exact_chunk, valid)
+        _join(side)
         if grads is not None:
             dq, dk, dv = (t.to(acc).contiguous() for t in grads)
         else:
