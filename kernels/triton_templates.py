@@ -681,8 +681,10 @@ def stage2_bwd(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, l
         dqm = msk[:, None] & dmask[None, :]
         tl.store(dqp, tl.load(dqp, mask=dqm, other=0.0) + dq * scale_q, mask=dqm)
     dkc = dkt - dbt[:, None] * qb[None, :]
-    tl.store(dkt_out + srow[:, None] * $BD + offs_d[None, :], dkc.to(dkt_out.dtype.element_ty), mask=kmask[:, None])
-    tl.store(dvt_out + srow[:, None] * $BDV + offs_v[None, :], dvt.to(dvt_out.dtype.element_ty), mask=kmask[:, None])
+    tl.store(dkt_out + srow[:, None] * $BD + offs_d[None, :], dkc.to(dkt_out.dtype.element_ty),
+             mask=kmask[:, None])
+    tl.store(dvt_out + srow[:, None] * $BDV + offs_v[None, :], dvt.to(dvt_out.dtype.element_ty),
+             mask=kmask[:, None])
     tl.store(dbeta_out + srow, dbt, mask=kmask)
     if $DIPOLE:
         tl.store(dg_out + srow[:, None] * $BDV + offs_v[None, :], dgl.to(dg_out.dtype.element_ty),
@@ -762,7 +764,8 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, dkt, dvt, dbeta, dg, dk_ou
     db = tl.load(dbeta + orow, mask=amask & ne, other=0.0)
     if $DIPOLE:
         mrv = mrv * inv[:, None]
-        dgl = _rnd(tl.load(dg + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None], other=0.0).to(tl.float32))
+        dgl = _rnd(tl.load(dg + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None],
+                           other=0.0).to(tl.float32))
         ukt = tl.sum(uu * mk, 1) - shift
         dmk -= tl.sum(dgl * mv, 1)[:, None] * uu
         dmv -= ukt[:, None] * dgl

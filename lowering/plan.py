@@ -183,7 +183,8 @@ def level_state_parts(lv: LevelPlan, Z: int, G: int, bd: int, bdv: int, dipole: 
     if dipole:
         zero.append(("lam", 2 * nsq, "f32"))
     rest = [("qassign", nsq * lv.fit_len, "i32"), ("aperm", nsq * lv.ans_len, "i32"),
-            ("kperm", nsk * lv.key_len, "i32"), ("qord", nsq * cq, "i32"), ("kord", nsk * ck, "i32"), ("kmu", nsk * ck * bd, "f32"), ("qbar", nsq * cq * bd, "f32"),
+            ("kperm", nsk * lv.key_len, "i32"), ("qord", nsq * cq, "i32"), ("kord", nsk * ck, "i32"),
+            ("kmu", nsk * ck * bd, "f32"), ("qbar", nsq * cq * bd, "f32"),
             ("beta", n_sum, "f32"), ("kt", n_sum * bd, "sum"), ("vt", n_sum * bdv, "sum")]
     if not lv.same:
         rest.append(("aord", nsq * cq, "i32"))
