@@ -191,9 +191,9 @@ def kmeans_pass(X, scale_x, init_idx, mu_prev, sums_prev, cnt_prev, mu_out, sums
     if SUMS:
         if $NATIVE:
             psum = psum * scale_x
-        tl.atomic_add(sums_out + wptr, psum, mask=cmask[:, None])
+        tl.atomic_add(sums_out + wptr, psum, mask=cmask[:, None], sem="relaxed")
     if not (FINAL and POS_ATOMIC):
-        base = tl.atomic_add(cnt_out + wbase + offs_c, pcnt, mask=cmask)
+        base = tl.atomic_add(cnt_out + wbase + offs_c, pcnt, mask=cmask, sem="relaxed")
         if FINAL:
             tl.store(pbase_out + (s.to(tl.int64) * NPROG + chunk) * C + offs_c, base, mask=cmask)
 
@@ -507,8 +507,8 @@ def guard(Q, scale_q, qbar, u, fit_assign, kt, vt, beta, gsum, sig, po, plse, nu
     bnd = $TRUST / tl.maximum(sg, 1e-30)
     tc = tl.minimum(tl.maximum(tt, -bnd), bnd)
     dip = tl.sum((ws * tc)[:, None] * gj, 0) * isu
-    tl.atomic_add(numden + 2 * s, tl.sum(dip * (exact - mono), 0))
-    tl.atomic_add(numden + 2 * s + 1, tl.sum(dip * dip, 0))
+    tl.atomic_add(numden + 2 * s, tl.sum(dip * (exact - mono), 0), sem="relaxed")
+    tl.atomic_add(numden + 2 * s + 1, tl.sum(dip * dip, 0), sem="relaxed")
 
 
 @triton.jit
@@ -804,12 +804,13 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, dkt, dvt, dbeta, dg, dk_ou
         vp = dv_out + (krow0 + idx)[:, None] * $DV + offs_v[None, :]
         vm = msk[:, None] & vmask[None, :]
         if KV_ATOMIC:
-            tl.atomic_add(kp, dkk, mask=km)
-            tl.atomic_add(vp, dvv, mask=vm)
+            tl.atomic_add(kp, dkk, mask=km, sem="relaxed")
+            tl.atomic_add(vp, dvv, mask=vm, sem="relaxed")
         else:       # one centroid block: this program is the launch's only writer of these key rows
             tl.store(kp, tl.load(kp, mask=km, other=0.0) + dkk, mask=km)
             tl.store(vp, tl.load(vp, mask=vm, other=0.0) + dvv, mask=vm)
-    tl.atomic_add(dqbar_out + arow[:, None] * $BD + offs_d[None, :], dqb, mask=amask[:, None])
+    tl.atomic_add(dqbar_out + arow[:, None] * $BD + offs_d[None, :], dqb, mask=amask[:, None],
+                  sem="relaxed")
 
 
 @triton.jit
