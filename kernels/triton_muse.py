@@ -578,9 +578,9 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
     dqb = torch.zeros(Z, A, BD, device=dev, dtype=f32)
     BA = pl.ba_stage1_bwd
     mod.stage1_bwd[(Z, Ck, triton_cdiv(A, BA))](
-        k.contiguous(), v.contiguous(), qb, uu, permk, cntk, ordk, kmu, dktp, dvtp, dbeta.to(f32).contiguous(), dgp,
-        dk, dv, dqb, A, 1, M, 0, 0, M, CQ=1, CK=Ck, BCK=_pow2(Ck), BA=BA, BN=pl.bn_stage1_bwd,
-        KV_ATOMIC=A > BA, num_warps=pl.warps_bwd)
+        k.contiguous(), v.contiguous(), qb, uu, permk, cntk, ordk, kmu, dktp, dvtp, dktp, dgp,
+        dktp, dvtp, dbeta.to(f32).contiguous(), dgp, dk, dv, dqb, A, 1, M, 0, 0, M, CQ=1, CK=Ck, BCK=_pow2(Ck),
+        BA=BA, BN=pl.bn_stage1_bwd, KV_ATOMIC=A > BA, STORED=False, num_warps=pl.warps_bwd)
     return dk, dv, dqb[..., :D]
 
 
@@ -823,9 +823,10 @@ def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N,
         G, P, N, st["ans_off"], st["ps"], st["La"],
         CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2_bwd, GLOBAL=merged, **kw)
     mod.stage1_bwd[(NSk, Ck, triton_cdiv(A, pl.ba_stage1_bwd))](
-        k, v, st["qbar"], st["u"], st["kperm"], st["kcnt"], st["kord"], st["kmu"], dkt, dvt, dbeta, dg, dk, dv, dqb,
-        G, P, M, 0, st["ps"], st["Lk"], CQ=Cq, CK=Ck, BCK=_pow2(Ck), BA=pl.ba_stage1_bwd, BN=pl.bn_stage1_bwd,
-        KV_ATOMIC=A > pl.ba_stage1_bwd, **kw)
+        k, v, st["qbar"], st["u"], st["kperm"], st["kcnt"], st["kord"], st["kmu"], st["kt"], st["vt"], st["beta"],
+        st["gs"], dkt, dvt, dbeta, dg, dk, dv, dqb, G, P, M, 0, st["ps"], st["Lk"], CQ=Cq, CK=Ck, BCK=_pow2(Ck),
+        BA=pl.ba_stage1_bwd, BN=pl.bn_stage1_bwd, KV_ATOMIC=A > pl.ba_stage1_bwd, STORED=pl.bwd_stored_moments,
+        **kw)
     # centroid step: q̄_a is the mean of its fit set's scaled queries (an empty cluster has no members)
     Lf = st["Lf"]
     mod.centroid_bwd[(NSq, triton_cdiv(Lf, 64))](dqb, st["fcnt"], st["qassign"], dq, s, G, P, N, st["ps"], Lf,

@@ -693,10 +693,10 @@ def stage2_bwd(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, l
 
 
 @triton.jit
-def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, dkt, dvt, dbeta, dg, dk_out, dv_out, dqbar_out,
-               G, P, M_TOT, K_OFF, K_PSTRIDE, LK,
+def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, kt, vt, beta, gsum, dkt, dvt, dbeta, dg, dk_out, dv_out,
+               dqbar_out, G, P, M_TOT, K_OFF, K_PSTRIDE, LK,
                CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr, BA: tl.constexpr, BN: tl.constexpr,
-               KV_ATOMIC: tl.constexpr):
+               KV_ATOMIC: tl.constexpr, STORED: tl.constexpr):
     """Backward of ``stage1`` for one (problem, key cluster j, block of BA query centroids).
 
     The summaries are tilted moments: with p_k ∝ exp(q̄·k) over the cluster's keys, k̃ = E_p[k], ṽ = E_p[v],
@@ -708,7 +708,9 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, dkt, dvt, dbeta, dg, dk_ou
     dv_k = p_k (dM_v + r_k dM_rv). u and σ are constants, as in the reference. Pass 1 recomputes the moments
     (as ``stage1``), pass 2 accumulates; dk, dv, dq̄ are float32 and added with atomics (other centroid
     blocks and key clusters add to the same rows; dk and dv without atomics when one block holds all
-    centroids, KV_ATOMIC false)."""
+    centroids, KV_ATOMIC false). STORED: no pass 1; the moments are stage 1's summaries as stored (k̃, ṽ,
+    log Σ exp(q̄·k) = β + q̄·k̃ since β was formed from the stored k̃, E_p[r v] = g + (u·k̃) ṽ), exact on
+    the float32 path and rounded like the forward's own summaries on the 16-bit one."""
     zp = tl.program_id(0)
     blk = tl.program_id(2)
     z = zp // P
@@ -725,45 +727,58 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, dkt, dvt, dbeta, dg, dk_ou
     amask = offs_a < A
     arow = zp.to(tl.int64) * A + offs_a
     qb = tl.load(qbar + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
-    # pass 1: the tilted moments (online max; fp32 accumulation), as stage 1 computed them
-    m = tl.full([BA], float("-inf"), tl.float32)
-    l = tl.zeros([BA], dtype=tl.float32)
-    mk = tl.zeros([BA, $BD], dtype=tl.float32)
-    mv = tl.zeros([BA, $BDV], dtype=tl.float32)
+    orow = arow * CK + j
     if $DIPOLE:
         uu = tl.load(u + arow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0)
         # r = u·k − u·μ_j, stage 1's shifted projection (g is shift-invariant; the shift keeps E[w r v] small)
         shift = tl.sum(uu * tl.load(kmu + (zp.to(tl.int64) * CK + j) * $BD + offs_d)[None, :], 1)
-        mrv = tl.zeros([BA, $BDV], dtype=tl.float32)
-    for t in range(0, n_j, BN):
-        offs = t + tl.arange(0, BN)
-        msk = offs < n_j
-        idx = tl.load(permk + pbase + offs, mask=msk, other=0)
-        kc = tl.load(K + (krow0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
-                     other=0.0)
-        vc = tl.load(V + (krow0 + idx)[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
-                     other=0.0)
-        sc = tl.where(msk[None, :], _mm(qb, tl.trans(kc)), float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, 1))
-        alpha = tl.exp(m - m_new)
-        w = tl.exp(sc - m_new[:, None])
-        l = l * alpha + tl.sum(w, 1)
-        mk = mk * alpha[:, None] + _mm(w, kc)
-        mv = mv * alpha[:, None] + _mm(w, vc)
+    if STORED:
+        mk = tl.load(kt + orow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0).to(tl.float32)
+        mv = tl.load(vt + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None], other=0.0).to(tl.float32)
+        bt = tl.load(beta + orow, mask=amask, other=float("-inf"))
+        ne = bt > float("-inf")
+        m = tl.where(ne, bt + tl.sum(mk * qb, 1), 0.0)     # log Σ exp(q̄·k): pass 2's weights are exp(q̄·k − m)
+        inv = tl.where(ne, 1.0, 0.0)
         if $DIPOLE:
-            r = _mm(uu, tl.trans(kc)) - shift[:, None]
-            mrv = mrv * alpha[:, None] + _mm(w * r, vc)
-        m = m_new
-    ne = l > 0
-    inv = tl.where(ne, 1.0 / tl.where(ne, l, 1.0), 0.0)
-    mk = mk * inv[:, None]
-    mv = mv * inv[:, None]
-    orow = arow * CK + j
+            mrv = tl.load(gsum + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None], other=0.0).to(tl.float32)
+            mrv += (tl.sum(uu * mk, 1) - shift)[:, None] * mv
+    else:
+        # pass 1: the tilted moments (online max; fp32 accumulation), as stage 1 computed them
+        m = tl.full([BA], float("-inf"), tl.float32)
+        l = tl.zeros([BA], dtype=tl.float32)
+        mk = tl.zeros([BA, $BD], dtype=tl.float32)
+        mv = tl.zeros([BA, $BDV], dtype=tl.float32)
+        if $DIPOLE:
+            mrv = tl.zeros([BA, $BDV], dtype=tl.float32)
+        for t in range(0, n_j, BN):
+            offs = t + tl.arange(0, BN)
+            msk = offs < n_j
+            idx = tl.load(permk + pbase + offs, mask=msk, other=0)
+            kc = tl.load(K + (krow0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
+                         other=0.0)
+            vc = tl.load(V + (krow0 + idx)[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
+                         other=0.0)
+            sc = tl.where(msk[None, :], _mm(qb, tl.trans(kc)), float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            alpha = tl.exp(m - m_new)
+            w = tl.exp(sc - m_new[:, None])
+            l = l * alpha + tl.sum(w, 1)
+            mk = mk * alpha[:, None] + _mm(w, kc)
+            mv = mv * alpha[:, None] + _mm(w, vc)
+            if $DIPOLE:
+                r = _mm(uu, tl.trans(kc)) - shift[:, None]
+                mrv = mrv * alpha[:, None] + _mm(w * r, vc)
+            m = m_new
+        ne = l > 0
+        inv = tl.where(ne, 1.0 / tl.where(ne, l, 1.0), 0.0)
+        mk = mk * inv[:, None]
+        mv = mv * inv[:, None]
+        if $DIPOLE:
+            mrv = mrv * inv[:, None]
     dmk = tl.load(dkt + orow[:, None] * $BD + offs_d[None, :], mask=amask[:, None], other=0.0).to(tl.float32)
     dmv = tl.load(dvt + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None], other=0.0).to(tl.float32)
     db = tl.load(dbeta + orow, mask=amask & ne, other=0.0)
     if $DIPOLE:
-        mrv = mrv * inv[:, None]
         dgl = _rnd(tl.load(dg + orow[:, None] * $BDV + offs_v[None, :], mask=amask[:, None],
                            other=0.0).to(tl.float32))
         ukt = tl.sum(uu * mk, 1) - shift
@@ -777,6 +792,8 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, dkt, dvt, dbeta, dg, dk_ou
     m0 = tl.where(ne, m, 0.0)
     # pass 2: per-key gradients and dq̄
     dqb = tl.zeros([BA, $BD], dtype=tl.float32)
+    if STORED:
+        spd = tl.zeros([BA], dtype=tl.float32)
     for t in range(0, n_j, BN):
         offs = t + tl.arange(0, BN)
         msk = offs < n_j
@@ -794,6 +811,8 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, dkt, dvt, dbeta, dg, dk_ou
             phi += r * gv
         pd = pk * (phi - phibar[:, None])
         dqb += _mm(pd, kc)
+        if STORED:
+            spd += tl.sum(pd, 1)
         dkk = _mm(tl.trans(pd + pk * db[:, None]), qb) + _mm(tl.trans(pk), dmk)
         dvv = _mm(tl.trans(pk), dmv)
         if $DIPOLE:
@@ -809,6 +828,10 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, dkt, dvt, dbeta, dg, dk_ou
         else:       # one centroid block: this program is the launch's only writer of these key rows
             tl.store(kp, tl.load(kp, mask=km, other=0.0) + dkk, mask=km)
             tl.store(vp, tl.load(vp, mask=vm, other=0.0) + dvv, mask=vm)
+    if STORED:
+        # Σ_k pd_k is 0 with the exact Φ̄; the stored moments' rounding makes it −δΦ̄, which would add −δΦ̄·k̃ (k̃ is
+        # large next to the cluster's spread). dq̄ = Σ_k pd_k (k − k̃) holds either way and drops that term
+        dqb -= spd[:, None] * mk
     tl.atomic_add(dqbar_out + arow[:, None] * $BD + offs_d[None, :], dqb, mask=amask[:, None],
                   sem="relaxed")
 

@@ -105,6 +105,10 @@ class KernelPlan:
     # 0.885 -> 0.683 ms at 8k, 2.01 -> 0.98 at causal 16k. float32 products need 32 rows anyway (64: 177 KiB)
     bm_stage2_bwd: int = 32
     warps_bwd: int = 4                # 4 vs 8 warps at 8k, C = 64: stage1_bwd 0.48 vs 0.69 ms, stage2_bwd 0.42 vs 0.47
+    # stage1_bwd takes the tilted moments from the forward's stored summaries instead of a first pass over the
+    # keys: 8k 0.275 -> 0.240 ms, causal 16k 0.635 -> 0.557 (H100, bf16, C = 64, 2026-11-23); bf16 gradient
+    # errors against the reference unchanged to 2 digits (tests/test_triton_gpu.py)
+    bwd_stored_moments: bool = True
     bwd_16bit_accumulators: bool = True   # 16-bit path: dq, dk, dv accumulate in the input dtype (no float32
     #                                       copies and casts); float32 where dk/dv need float atomics
 
