@@ -529,7 +529,7 @@ def stage2_backward(q, dout, q_assign, kt, vt, beta, g, sigma, qbar, u, lam, *, 
         q.contiguous(), float(scale), perm, cnt, order, ktp, vtp, beta.to(f32).contiguous(), gp, sg, qb, uu, lam2,
         dout.contiguous(), lse_f, delta, dq, dkt, dvt, dbeta, dg, dqb,
         G, 1, N, 0, 0, N, CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2_bwd,
-        GLOBAL=merged is not None, num_warps=pl.warps_bwd)
+        GLOBAL=merged is not None, ADD=True, num_warps=pl.warps_bwd)
     dkt = dkt + dbeta[..., None] * qb[:, :, None, :]      # the kernel stores dk̃ − dβ·q̄
     grads = (dkt[..., :D], dvt[..., :Dv], dbeta, dg[..., :Dv] if dipole else None)
     return dq, grads, dqb[..., :D]
@@ -580,7 +580,7 @@ def stage1_backward(k, v, key_assign, qbar, u, dkt, dvt, dbeta, dg, *, key_clust
     mod.stage1_bwd[(Z, Ck, triton_cdiv(A, BA))](
         k.contiguous(), v.contiguous(), qb, uu, permk, cntk, ordk, kmu, dktp, dvtp, dktp, dgp,
         dktp, dvtp, dbeta.to(f32).contiguous(), dgp, dk, dv, dqb, A, 1, M, 0, 0, M, CQ=1, CK=Ck, BCK=_pow2(Ck),
-        BA=BA, BN=pl.bn_stage1_bwd, KV_ATOMIC=A > BA, STORED=False, num_warps=pl.warps_bwd)
+        BA=BA, BN=pl.bn_stage1_bwd, KV_ATOMIC=A > BA, STORED=False, ADD=True, num_warps=pl.warps_bwd)
     return dk, dv, dqb[..., :D]
 
 
@@ -649,10 +649,18 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
     acc = q.dtype if pl.spec.native and pl.bwd_16bit_accumulators and not any(
         G * lv.q_clusters > pl.ba_stage1_bwd for lv in pl.levels) else f32
     if not causal:
-        dq = torch.zeros(B, H, N, D, device=dev, dtype=acc)
-        dk = torch.zeros(B, Hkv, M, D, device=dev, dtype=acc)
-        dv = torch.zeros(B, Hkv, M, Dv, device=dev, dtype=acc)
-        _level_backward(mod, pl, levels[0], q, k, v, grad, None, None, dq, dk, dv, s, G, N, M, **kw)
+        # stage2_bwd is the first writer of every dq row (each query is in one cluster) and stage1_bwd, with all
+        # centroids in one block, the only writer of every dk/dv row (each key is in one cluster): they write
+        # instead of adding, and nothing is zero-filled. A padding mask leaves masked keys in no cluster
+        fresh = valid is None and not any(G * lv.q_clusters > pl.ba_stage1_bwd for lv in pl.levels)
+        new = torch.empty if fresh else torch.zeros
+        dq = new(B, H, N, D, device=dev, dtype=acc)
+        dk = new(B, Hkv, M, D, device=dev, dtype=acc)
+        dv = new(B, Hkv, M, Dv, device=dev, dtype=acc)
+        if fresh and _interp():
+            for t in (dq, dk, dv):   # in the tests, a row no kernel writes shows as NaN
+                t.fill_(float("nan"))
+        _level_backward(mod, pl, levels[0], q, k, v, grad, None, None, dq, dk, dv, s, G, N, M, first=fresh, **kw)
     else:
         delta = torch.empty(B, H, N, device=dev, dtype=f32)
         R = B * H * N
@@ -799,9 +807,10 @@ def _exact_backward_sdpa(grad, q, k, v, out, lse, scale, E, valid):
     return gq, gk.view(B, Hkv, G, N, D).float().sum(2), gv.view(B, Hkv, G, N, Dv).float().sum(2)
 
 
-def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N, M, **kw):
+def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N, M, first=False, **kw):
     """Backward of one MuSe problem batch (``_level``'s state ``st``); adds to dq, dk, dv (float32 or the input dtype).
-    ``lse``/``delta`` given: the level's output was LSE-merged (causal), see ``stage2_bwd``'s GLOBAL."""
+    ``lse``/``delta`` given: the level's output was LSE-merged (causal), see ``stage2_bwd``'s GLOBAL. ``first``:
+    dq, dk, dv hold nothing yet, and the kernels write their rows (the caller has checked that they write all)."""
     NSq, NSk, Cq, Ck, A, P = st["NSq"], st["NSk"], st["Cq"], st["Ck"], st["A"], st["P"]
     BD, BDV = pl.spec.bd, pl.spec.bdv
     D = q.shape[-1]
@@ -821,12 +830,12 @@ def _level_backward(mod, pl, st, q, k, v, grad, lse, delta, dq, dk, dv, s, G, N,
         q, s, st["qperm"], st["qcnt"], st["qord"], st["kt"], st["vt"], st["beta"], st["gs"], st["sig"], st["qbar"], st["u"],
         st["lam"], grad, lse if merged else dq, delta if merged else dq, dq, dkt, dvt, dbeta, dg, dqb,
         G, P, N, st["ans_off"], st["ps"], st["La"],
-        CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2_bwd, GLOBAL=merged, **kw)
+        CQ=Cq, CK=Ck, BCQ=_pow2(Cq), BCK=_pow2(Ck), BM=pl.bm_stage2_bwd, GLOBAL=merged, ADD=not first, **kw)
     mod.stage1_bwd[(NSk, Ck, triton_cdiv(A, pl.ba_stage1_bwd))](
         k, v, st["qbar"], st["u"], st["kperm"], st["kcnt"], st["kord"], st["kmu"], st["kt"], st["vt"], st["beta"],
         st["gs"], dkt, dvt, dbeta, dg, dk, dv, dqb, G, P, M, 0, st["ps"], st["Lk"], CQ=Cq, CK=Ck, BCK=_pow2(Ck),
         BA=pl.ba_stage1_bwd, BN=pl.bn_stage1_bwd, KV_ATOMIC=A > pl.ba_stage1_bwd, STORED=pl.bwd_stored_moments,
-        **kw)
+        ADD=not first, **kw)
     # centroid step: q̄_a is the mean of its fit set's scaled queries (an empty cluster has no members)
     Lf = st["Lf"]
     mod.centroid_bwd[(NSq, triton_cdiv(Lf, 64))](dqb, st["fcnt"], st["qassign"], dq, s, G, P, N, st["ps"], Lf,

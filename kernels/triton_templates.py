@@ -590,7 +590,7 @@ def stage2_bwd(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, l
                dq_out, dkt_out, dvt_out, dbeta_out, dg_out, dqbar_out,
                G, P, N_TOT, A_OFF, A_PSTRIDE, LA,
                CQ: tl.constexpr, CK: tl.constexpr, BCQ: tl.constexpr, BCK: tl.constexpr, BM: tl.constexpr,
-               GLOBAL: tl.constexpr):
+               GLOBAL: tl.constexpr, ADD: tl.constexpr):
     """Backward of ``stage2`` for one (query set, query cluster a): the scores and weights are recomputed from
     the summaries (all CK of them in one tile), so neither the output nor the log-sum-exp is needed.
 
@@ -604,7 +604,7 @@ def stage2_bwd(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, l
     flash-attention backward's identity: the merged softmax is one softmax over all parts' keys).
     Adds dq (for the unscaled queries: scale·dq) to the queries' rows, writes the per-summary gradients at the
     summaries' rows in the buffers' dtype (16-bit on the 16-bit path: ``stage1_bwd`` rounds them to it anyway)
-    and dq̄ per cluster. The k̃ gradient is stored centred, dk̃ − dβ·q̄ = Σ dℓ (scale·q − q̄): that is the only
+    and dq̄ per cluster (ADD false: writes dq's rows instead, as their first writer). The k̃ gradient is stored centred, dk̃ − dβ·q̄ = Σ dℓ (scale·q − q̄): that is the only
     form ``stage1_bwd`` uses, and uncentred it would lose its small difference to 16-bit rounding. Assumes every
     query row and summary row belongs to one program (acausal layout: P = 1, or disjoint causal answer sets)."""
     s = tl.program_id(0)
@@ -679,7 +679,10 @@ def stage2_bwd(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, l
         # added to what is there: the exact part and other causal levels write the same rows (other launches)
         dqp = dq_out + rows[:, None] * $D + offs_d[None, :]
         dqm = msk[:, None] & dmask[None, :]
-        tl.store(dqp, tl.load(dqp, mask=dqm, other=0.0) + dq * scale_q, mask=dqm)
+        if ADD:
+            tl.store(dqp, tl.load(dqp, mask=dqm, other=0.0) + dq * scale_q, mask=dqm)
+        else:
+            tl.store(dqp, dq * scale_q, mask=dqm)
     dkc = dkt - dbt[:, None] * qb[None, :]
     tl.store(dkt_out + srow[:, None] * $BD + offs_d[None, :], dkc.to(dkt_out.dtype.element_ty),
              mask=kmask[:, None])
@@ -696,7 +699,7 @@ def stage2_bwd(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, l
 def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, kt, vt, beta, gsum, dkt, dvt, dbeta, dg, dk_out, dv_out,
                dqbar_out, G, P, M_TOT, K_OFF, K_PSTRIDE, LK,
                CQ: tl.constexpr, CK: tl.constexpr, BCK: tl.constexpr, BA: tl.constexpr, BN: tl.constexpr,
-               KV_ATOMIC: tl.constexpr, STORED: tl.constexpr):
+               KV_ATOMIC: tl.constexpr, STORED: tl.constexpr, ADD: tl.constexpr):
     """Backward of ``stage1`` for one (problem, key cluster j, block of BA query centroids).
 
     The summaries are tilted moments: with p_k ∝ exp(q̄·k) over the cluster's keys, k̃ = E_p[k], ṽ = E_p[v],
@@ -708,7 +711,7 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, kt, vt, beta, gsum, dkt, d
     dv_k = p_k (dM_v + r_k dM_rv). u and σ are constants, as in the reference. Pass 1 recomputes the moments
     (as ``stage1``), pass 2 accumulates; dk, dv, dq̄ are float32 and added with atomics (other centroid
     blocks and key clusters add to the same rows; dk and dv without atomics when one block holds all
-    centroids, KV_ATOMIC false). STORED: no pass 1; the moments are stage 1's summaries as stored (k̃, ṽ,
+    centroids, KV_ATOMIC false; ADD false: written, this launch being their first writer). STORED: no pass 1; the moments are stage 1's summaries as stored (k̃, ṽ,
     log Σ exp(q̄·k) = β + q̄·k̃ since β was formed from the stored k̃, E_p[r v] = g + (u·k̃) ṽ), exact on
     the float32 path and rounded like the forward's own summaries on the 16-bit one."""
     zp = tl.program_id(0)
@@ -825,9 +828,12 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, kt, vt, beta, gsum, dkt, d
         if KV_ATOMIC:
             tl.atomic_add(kp, dkk, mask=km, sem="relaxed")
             tl.atomic_add(vp, dvv, mask=vm, sem="relaxed")
-        else:       # one centroid block: this program is the launch's only writer of these key rows
+        elif ADD:   # one centroid block: this program is the launch's only writer of these key rows
             tl.store(kp, tl.load(kp, mask=km, other=0.0) + dkk, mask=km)
             tl.store(vp, tl.load(vp, mask=vm, other=0.0) + dvv, mask=vm)
+        else:       # ... and no other launch writes them before
+            tl.store(kp, dkk, mask=km)
+            tl.store(vp, dvv, mask=vm)
     if STORED:
         # Σ_k pd_k is 0 with the exact Φ̄; the stored moments' rounding makes it −δΦ̄, which would add −δΦ̄·k̃ (k̃ is
         # large next to the cluster's spread). dq̄ = Σ_k pd_k (k − k̃) holds either way and drops that term
