@@ -644,6 +644,12 @@ def stage2_bwd(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, l
         rows = row0 + idx
         qr = tl.load(Q + rows[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :], other=0.0)
         do = tl.load(dout + rows[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :], other=0.0)
+        dqp = dq_out + rows[:, None] * $D + offs_d[None, :]
+        dqm = msk[:, None] & dmask[None, :]
+        if ADD and $NATIVE and $BD <= 64:
+            # loaded before the products, which hide its latency (causal 16k: 0.420 -> 0.402 ms; at width 128
+            # and on the float32 path the extra live tile spills more)
+            dq_old = tl.load(dqp, mask=dqm, other=0.0)
         sc = _mm(qr, tl.trans(ktl)) * scale_q + bt[None, :]        # as stage 2 computed it
         if GLOBAL:
             lse_f = tl.load(lse_in + rows, mask=msk, other=float("-inf"))
@@ -677,9 +683,9 @@ def stage2_bwd(Q, scale_q, perm, cnt, order, kt, vt, beta, gsum, sig, qbar, u, l
         if $DIPOLE:
             dq += dtt[:, None] * uu[None, :]
         # added to what is there: the exact part and other causal levels write the same rows (other launches)
-        dqp = dq_out + rows[:, None] * $D + offs_d[None, :]
-        dqm = msk[:, None] & dmask[None, :]
-        if ADD:
+        if ADD and $NATIVE and $BD <= 64:
+            tl.store(dqp, dq_old + dq * scale_q, mask=dqm)
+        elif ADD:
             tl.store(dqp, tl.load(dqp, mask=dqm, other=0.0) + dq * scale_q, mask=dqm)
         else:
             tl.store(dqp, dq * scale_q, mask=dqm)
@@ -805,6 +811,15 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, kt, vt, beta, gsum, dkt, d
                      other=0.0)
         vc = tl.load(V + (krow0 + idx)[:, None] * $DV + offs_v[None, :], mask=msk[:, None] & vmask[None, :],
                      other=0.0)
+        if ADD and not KV_ATOMIC and $NATIVE:
+            # what the rows hold, loaded before the products so that the loads' latency hides behind them
+            # (causal 16k: 0.564 -> 0.519 ms; the float32 path would spill more)
+            kp = dk_out + (krow0 + idx)[:, None] * $D + offs_d[None, :]
+            km = msk[:, None] & dmask[None, :]
+            vp = dv_out + (krow0 + idx)[:, None] * $DV + offs_v[None, :]
+            vm = msk[:, None] & vmask[None, :]
+            dk_old = tl.load(kp, mask=km, other=0.0)
+            dv_old = tl.load(vp, mask=vm, other=0.0)
         sc = _mm(qb, tl.trans(kc))
         pk = tl.where(msk[None, :] & ne[:, None], tl.exp(sc - m0[:, None]) * inv[:, None], 0.0)   # [BA, BN]
         phi = _mm(dmk, tl.trans(kc)) + _mm(dmv, tl.trans(vc))
@@ -821,14 +836,18 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, kt, vt, beta, gsum, dkt, d
         if $DIPOLE:
             dkk += _mm(tl.trans(pk * gv), uu)
             dvv += _mm(tl.trans(pk * r), dgl)
-        kp = dk_out + (krow0 + idx)[:, None] * $D + offs_d[None, :]
-        km = msk[:, None] & dmask[None, :]
-        vp = dv_out + (krow0 + idx)[:, None] * $DV + offs_v[None, :]
-        vm = msk[:, None] & vmask[None, :]
+        if not (ADD and not KV_ATOMIC and $NATIVE):
+            kp = dk_out + (krow0 + idx)[:, None] * $D + offs_d[None, :]
+            km = msk[:, None] & dmask[None, :]
+            vp = dv_out + (krow0 + idx)[:, None] * $DV + offs_v[None, :]
+            vm = msk[:, None] & vmask[None, :]
         if KV_ATOMIC:
             tl.atomic_add(kp, dkk, mask=km, sem="relaxed")
             tl.atomic_add(vp, dvv, mask=vm, sem="relaxed")
-        elif ADD:   # one centroid block: this program is the launch's only writer of these key rows
+        elif ADD and $NATIVE:   # one centroid block: this program is the launch's only writer of these key rows
+            tl.store(kp, dk_old + dkk, mask=km)
+            tl.store(vp, dv_old + dvv, mask=vm)
+        elif ADD:
             tl.store(kp, tl.load(kp, mask=km, other=0.0) + dkk, mask=km)
             tl.store(vp, tl.load(vp, mask=vm, other=0.0) + dvv, mask=vm)
         else:       # ... and no other launch writes them before
