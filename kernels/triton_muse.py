@@ -646,13 +646,14 @@ def muse_attention_backward(grad, q, k, v, *, causal=False, scale=None, clusters
     kw = dict(num_warps=pl.warps_bwd)
     # gradient accumulators: the input dtype on the 16-bit path where no launch adds to them by float atomics
     # (every read-modify-write then rounds once more; no float32 copies and casts), else float32
-    acc = q.dtype if pl.spec.native and pl.bwd_16bit_accumulators and not any(
-        G * lv.q_clusters > pl.ba_stage1_bwd for lv in pl.levels) else f32
+    # stage1_bwd adds dk/dv by float atomics where a level's centroids span several blocks
+    kv_atomic = any(G * lv.q_clusters > pl.ba_stage1_bwd for lv in pl.levels)
+    acc = q.dtype if pl.spec.native and pl.bwd_16bit_accumulators and not kv_atomic else f32
     if not causal:
         # stage2_bwd is the first writer of every dq row (each query is in one cluster) and stage1_bwd, with all
         # centroids in one block, the only writer of every dk/dv row (each key is in one cluster): they write
         # instead of adding, and nothing is zero-filled. A padding mask leaves masked keys in no cluster
-        fresh = valid is None and not any(G * lv.q_clusters > pl.ba_stage1_bwd for lv in pl.levels)
+        fresh = valid is None and not kv_atomic
         new = torch.empty if fresh else torch.zeros
         dq = new(B, H, N, D, device=dev, dtype=acc)
         dk = new(B, Hkv, M, D, device=dev, dtype=acc)

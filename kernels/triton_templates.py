@@ -754,9 +754,7 @@ def stage1_bwd(K, V, qbar, u, permk, cntk, ordk, kmu, kt, vt, beta, gsum, dkt, d
     j, n_j, start_j = _nth_largest(ordk, cntk, zp, tl.program_id(1), CK, BCK)
     pbase = zp.to(tl.int64) * LK + start_j
     offs_d = tl.arange(0, $BD)
-    dmask = offs_d < $D
     offs_v = tl.arange(0, $BDV)
-    vmask = offs_v < $DV
     A = G * CQ
     offs_a = blk * BA + tl.arange(0, BA)
     amask = offs_a < A
