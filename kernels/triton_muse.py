@@ -244,7 +244,11 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
     if pl.maxnreg_stage1:
         kw_s["maxnreg"] = pl.maxnreg_stage1
     pa = pl.pos_atomic
-    tiles = functools.partial(_tiles, target=pl.kmeans_programs)
+    tiles = functools.partial(_tiles, target=pl.kmeans_programs, fixed=pl.kmeans_tiles)
+    ftiles = functools.partial(_tiles, target=pl.kmeans_fit_programs or pl.kmeans_programs,
+                               most=pl.kmeans_fit_max_tiles)
+    BNF = pl.bn_kmeans_fit or BN
+    kw_kf = dict(kw_k, num_warps=pl.warps_kmeans_fit or pl.warps_kmeans)
     fit_off, k_off, ps = 0, 0, lv.pair_stride
     rq, rk = kmeans_fit_stride(Lf, Cq), kmeans_fit_stride(Lk, Ck)
     if "fit_stride" in TUNE:
@@ -261,11 +265,13 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
     # what the backward needs (``kept``: views into the op's state, counts and λ already zero) and forward-only
     # scratch, all allocated before the streams fork: zero-initialised (k-means sums and counts of the fit
     # passes) and uninitialised (the rest)
-    # (the final passes sum nothing: the key side needs no sums, centroid_dir sums the query members)
+    # (the final passes sum nothing, the key side needs no sums and centroid_dir sums the query members; but
+    # without the dipole the query side's final pass sums them, as centroid_dir then gathers nothing else)
+    mean_sums = not spec.dipole
     zbuf, (qsums0, ksums0, qcnt0, kcnt0) = _alloc(
-        dev, f32, [(T * NSq * Cq * BD, f32), (T * NSk * Ck * BD, f32), (T * NSq * Cq, i32), (T * NSk * Ck, i32)],
-        zero=True)
-    qsums, ksums = _split(qsums0, T) + [zbuf], _split(ksums0, T) + [zbuf]
+        dev, f32, [((T + mean_sums) * NSq * Cq * BD, f32), (T * NSk * Ck * BD, f32), (T * NSq * Cq, i32),
+                   (T * NSk * Ck, i32)], zero=True)
+    qsums, ksums = _split(qsums0, T + mean_sums) + [zbuf] * (not mean_sums), _split(ksums0, T) + [zbuf]
     qcnt = _split(qcnt0, T) + [kept["qcnt"]]
     kcnt = _split(kcnt0, T) + [kept["kcnt"]]
     parts = [(T * NSq * Cq * BD, f32), ((T + 1) * NSq * Cq * BD, f32),   # kmu of the fit passes, qmu
@@ -296,14 +302,15 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
         if "cluster" in phases:
             for t in range(T + 1):
                 final, prev = t == T, max(t - 1, 0)
-                r_k = 1 if final else rk
-                t_k = tk if final else tiles(NSk, triton_cdiv(Lk, r_k), BN)
-                mod.kmeans_pass[(NSk, triton_cdiv(triton_cdiv(Lk, r_k), BN * t_k))](
+                r_k, bn = (1, BN) if final else (rk, BNF)
+                t_k = tk if final else ftiles(NSk, triton_cdiv(Lk, r_k), bn)
+                mod.kmeans_pass[(NSk, triton_cdiv(triton_cdiv(Lk, r_k), bn * t_k))](
                     k, 1.0, init if init is not None else dummy, kmu[prev], ksums[prev], kcnt[prev], kmu[t],
                     ksums[t], kcnt[t], kassign, kpos, kpb, valid if valid is not None else dummy,
                     1, P, M, k_off, ps, Lk, Hkv, r_k, npk,
-                    C=Ck, BC=BCk, BN=BN, TILES=t_k, MODE=0 if t == 0 else 1, INIT_IDX=init is not None,
-                    HAS_VALID=valid is not None, SUMS=not final, FINAL=final, POS_ATOMIC=pa, **kw_k)
+                    C=Ck, BC=BCk, BN=bn, TILES=t_k, MODE=0 if t == 0 else 1, INIT_IDX=init is not None,
+                    HAS_VALID=valid is not None, SUMS=not final, FINAL=final, POS_ATOMIC=pa,
+                    **(kw_k if final else kw_kf))
             mod.scatter_perm[(NSk, triton_cdiv(Lk, BNS))](
                 kcnt[T], kassign, kpos, kpb, kperm, kord, 1, P, M, k_off, ps, Lk, npk, BN * tk,
                 C=Ck, BC=BCk, BN=BNS, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
@@ -316,20 +323,20 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
     if "cluster" in phases:
         for t in range(T + 1):
             final, prev = t == T, max(t - 1, 0)
-            r_q = 1 if final else rq
-            t_q = tq if final else tiles(NSq, triton_cdiv(Lf, r_q), BN)
-            mod.kmeans_pass[(NSq, triton_cdiv(triton_cdiv(Lf, r_q), BN * t_q))](
+            r_q, bn = (1, BN) if final else (rq, BNF)
+            t_q = tq if final else ftiles(NSq, triton_cdiv(Lf, r_q), bn)
+            mod.kmeans_pass[(NSq, triton_cdiv(triton_cdiv(Lf, r_q), bn * t_q))](
                 q, scale, dummy, qmu[prev], qsums[prev], qcnt[prev], qmu[t], qsums[t], qcnt[t], qassign, qpos, qpb,
                 dummy, G, P, N, fit_off, ps, Lf, Hkv, r_q, npq,
-                C=Cq, BC=BCq, BN=BN, TILES=t_q, MODE=0 if t == 0 else 1, INIT_IDX=False, HAS_VALID=False,
-                SUMS=not final, FINAL=final, POS_ATOMIC=pa, **kw_k)
+                C=Cq, BC=BCq, BN=bn, TILES=t_q, MODE=0 if t == 0 else 1, INIT_IDX=False, HAS_VALID=False,
+                SUMS=mean_sums or not final, FINAL=final, POS_ATOMIC=pa, **(kw_k if final else kw_kf))
         mod.scatter_perm[(NSq, triton_cdiv(Lf, BNS))](
             qcnt[T], qassign, qpos, qpb, qperm, qord, G, P, N, fit_off, ps, Lf, npq, BN * tq,
             C=Cq, BC=BCq, BN=BNS, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
         mod.centroid_dir[(NSq, Cq)](
-            q, scale, qmu[T], qcnt[T], qperm, qord, qbar, u, G, P, N, fit_off, ps, Lf,
+            q, scale, qmu[T], qsums[T], qcnt[T], qperm, qord, qbar, u, G, P, N, fit_off, ps, Lf,
             C=Cq, BC=BCq, BN=pl.bn_centroid or min(pl.bn_stage1, 64), POWER_ITERS=POWER_ITERS,
-            POWER_DOT=pl.power_dot, num_warps=pl.warps_centroid or nw)
+            POWER_DOT=pl.power_dot, MEAN_SUMS=mean_sums, num_warps=pl.warps_centroid or nw)
         if not lv.same:
             mod.kmeans_pass[(NSq, npa)](
                 q, scale, dummy, qbar, dummy, acount, dummy, dummy, acount, aassign, apos, apb, dummy,
@@ -440,12 +447,15 @@ def _join(side) -> None:
         torch.cuda.current_stream(side.device).wait_stream(side)
 
 
-def _tiles(ns: int, length: int, bn: int, target: int = 264) -> int:
-    """Tiles of BN tokens per k-means program: as many as keep >= ``target`` programs (264: 2 per H100 SM)."""
+def _tiles(ns: int, length: int, bn: int, target: int = 264, most: int = 16, fixed: int = 0) -> int:
+    """Tiles of BN tokens per k-means program: ``fixed``, else as many (up to ``most``) as keep >= ``target``
+    programs (264: 2 per H100 SM)."""
     if _interp():
         return 2
+    if fixed:
+        return fixed
     for t in (16, 8, 4, 2):
-        if ns * triton_cdiv(length, bn * t) >= target:
+        if t <= most and ns * triton_cdiv(length, bn * t) >= target:
             return t
     return 1
 

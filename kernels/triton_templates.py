@@ -264,15 +264,16 @@ def scatter_perm(cnt, assign, pos, pbase, perm, order, GS, P, LEN_TOT, OFF, PSTR
 
 
 @triton.jit
-def centroid_dir(X, scale_x, mu, cnt, perm, order, qbar_out, u_out, GS, P, LEN_TOT, OFF, PSTRIDE, L,
+def centroid_dir(X, scale_x, mu, sums, cnt, perm, order, qbar_out, u_out, GS, P, LEN_TOT, OFF, PSTRIDE, L,
                  C: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, POWER_ITERS: tl.constexpr,
-                 POWER_DOT: tl.constexpr):
+                 POWER_DOT: tl.constexpr, MEAN_SUMS: tl.constexpr):
     """Query centroids (member means; an empty cluster keeps its k-means centroid) and, with the dipole,
-    the main direction of the member offsets by power iteration on their D×D scatter matrix. The members are
-    gathered twice, for their sum and then for their scatter about the mean (the final k-means pass sums
-    nothing). Summing about the k-means centroid in one pass instead cancelled catastrophically: the 32k
-    causal forward gave NaN (H100, 2026-11-22), its strided fit leaving the centroid far from the mean
-    relative to a tight cluster's spread."""
+    the main direction of the member offsets by power iteration on their D×D scatter matrix. MEAN_SUMS: the
+    means from the member sums ``sums`` (already scaled) of the final k-means pass (the monopole: summing
+    there costs less than gathering the members here); otherwise the members are gathered twice, for their
+    sum and then for their scatter about the mean. Summing about the k-means centroid in one pass instead
+    cancelled catastrophically: the 32k causal forward gave NaN (H100, 2026-11-22), its strided fit leaving
+    the centroid far from the mean relative to a tight cluster's spread."""
     s = tl.program_id(0)
     zp = s // GS
     g = s % GS
@@ -284,15 +285,19 @@ def centroid_dir(X, scale_x, mu, cnt, perm, order, qbar_out, u_out, GS, P, LEN_T
     offs_d = tl.arange(0, $BD)
     dmask = offs_d < $D
     rp = (wbase + a) * $BD + offs_d
-    sm = tl.zeros([$BD], dtype=tl.float32)
-    for t in range(0, n_a, BN):
-        offs = t + tl.arange(0, BN)
-        msk = offs < n_a
-        idx = tl.load(perm + s.to(tl.int64) * L + start + offs, mask=msk, other=0)
-        x = tl.load(X + (row0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32)
-        sm += tl.sum(x, 0)
-    qb = tl.where(n_a > 0, sm * scale_x / tl.maximum(n_a, 1).to(tl.float32), tl.load(mu + rp))
+    if MEAN_SUMS:
+        sm = tl.load(sums + rp)
+    else:
+        sm = tl.zeros([$BD], dtype=tl.float32)
+        for t in range(0, n_a, BN):
+            offs = t + tl.arange(0, BN)
+            msk = offs < n_a
+            idx = tl.load(perm + s.to(tl.int64) * L + start + offs, mask=msk, other=0)
+            x = tl.load(X + (row0 + idx)[:, None] * $D + offs_d[None, :], mask=msk[:, None] & dmask[None, :],
+                        other=0.0).to(tl.float32)
+            sm += tl.sum(x, 0)
+        sm = sm * scale_x
+    qb = tl.where(n_a > 0, sm / tl.maximum(n_a, 1).to(tl.float32), tl.load(mu + rp))
     if $NATIVE:
         qb = qb.to($CDT).to(tl.float32)
     tl.store(qbar_out + rp, qb)

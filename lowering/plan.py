@@ -71,7 +71,14 @@ class KernelPlan:
     jb_stage1: int = 1                # key clusters per stage-1 program (4 was slower than 1 on the H100)
     pos_atomic: bool = True           # k-means positions by per-token atomics (order inside a cluster varies
     #                                   between runs); False: per-program ranks by a cumulative sum (slower)
-    kmeans_programs: int = 264        # k-means programs per pass to aim for (tiles per program follow)
+    kmeans_programs: int = 264        # k-means programs per final pass to aim for (tiles per program follow)
+    kmeans_tiles: int = 0             # tiles per final-pass program instead (0: from kmeans_programs)
+    # the fit passes (a strided subset, with the member sums) by their own tile, warps, program target and
+    # most tiles per program (0: as the final passes)
+    bn_kmeans_fit: int = 0
+    warps_kmeans_fit: int = 0
+    kmeans_fit_programs: int = 0
+    kmeans_fit_max_tiles: int = 16
     warps_stage2: int = 0             # 0: warps_stage
     warps_exact: int = 0              # 0: warps
     power_dot: bool = False           # centroid_dir's power iteration by tensor-core products (else reductions;
@@ -220,6 +227,8 @@ def _level_scratch(lv: LevelPlan, Z: int, G: int, iters: int, bd: int, bdv: int,
     f4 = 4
     sets = nsq * lv.q_clusters + nsk * lv.k_clusters
     b = sets * ((iters + 1) * bd + iters * (bd + 1)) * f4     # centroids of every pass, sums and counts of the fits
+    if not dipole:
+        b += nsq * lv.q_clusters * bd * f4                     # the query side's final member sums
     b += nsq * lv.fit_len * 2 * f4 + nsk * lv.key_len * 2 * f4             # pos, perm / assign
     if not lv.same:
         b += nsq * lv.ans_len * 2 * f4
@@ -317,6 +326,7 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
         ws += B * H * N * Dv * (2 if spec.native else 4)   # the accumulator the parts merge into
     ck = max((_pow2(lv.k_clusters) for lv in levels), default=16)
     wc, pdot, ws2, mr2, bnc, wg = 2, False, 0, 0, 0, 0
+    kfit = {}
     if interpret:
         bnk, bn1, ba1, bm2, bme, bne, warps, wk, wst = 32, 32, 32, 32, 32, 32, 4, 4, 4
     elif spec.native or not big:
@@ -336,6 +346,14 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
         bme, bne = (128, 64) if width <= 128 else (64, 64)
         # 8 warps for k-means: 0.251 vs 0.296 ms at 8k, C=64, bf16 (H100, 2026-11-22)
         warps, wk, wst = 4, 8, 4
+        if spec.native and width <= 64:
+            # one pass alone, repeated in a graph (H100, 2026-11-23; 32 sets of 8k / 16k / 32k tokens, 64 of
+            # 4k): 4 warps throughout; final passes on 8 tiles of 64 tokens per program, 22.9 / 50.9 / 89.3 /
+            # 20.9 us (8 warps and 264+ programs: 25.3 / 51.5 / 92.7 / 23.4); fit passes on 128-token tiles,
+            # >= 256 programs and <= 4 tiles, 10.7 / 15.3 / 30.5 / 10.7 (before: 14.5 / 24.8 / 46.7 / 14.7)
+            bnk, wk = 64, 4
+            kfit = dict(kmeans_tiles=8, bn_kmeans_fit=128, warps_kmeans_fit=4, kmeans_fit_programs=256,
+                        kmeans_fit_max_tiles=4)
         # stage 2 at width <= 64 with <= 64 key clusters fits 168 registers without spilling (188 uncapped):
         # 3 blocks per SM instead of 2, 0.090 -> 0.076 ms at 8k, 0.250 -> 0.211 at causal 16k (H100,
         # 2026-11-22). With 128 clusters, or float32 tiles, the cap spills 0.5-1.1 KiB per thread
@@ -363,7 +381,8 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
                       jb_stage1=2 if interpret else 1, bn_scatter=32 if interpret else 256,
                       bm_exact_bwd=32 if interpret or big else 64, bn_exact_bwd=32 if interpret else 64,
                       warps_bwd=8 if big else 4,
-                      ba_stage1_bwd=32 if interpret or not spec.native else 64, bn_stage1_bwd=32)
+                      ba_stage1_bwd=32 if interpret or not spec.native else 64, bn_stage1_bwd=32,
+                      **kfit)
 
 
 def supports(q, k, v, *, causal: bool = False, key_padding_mask=None, clusters: int = 128,
