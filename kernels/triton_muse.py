@@ -271,7 +271,9 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
     zbuf, (qsums0, ksums0, qcnt0, kcnt0) = _alloc(
         dev, f32, [((T + mean_sums) * NSq * Cq * BD, f32), (T * NSk * Ck * BD, f32), (T * NSq * Cq, i32),
                    (T * NSk * Ck, i32)], zero=True)
-    qsums, ksums = _split(qsums0, T + mean_sums) + [zbuf] * (not mean_sums), _split(ksums0, T) + [zbuf]
+    qsums, ksums = _split(qsums0, T + mean_sums), _split(ksums0, T) + [zbuf]
+    if not mean_sums:
+        qsums.append(zbuf)
     qcnt = _split(qcnt0, T) + [kept["qcnt"]]
     kcnt = _split(kcnt0, T) + [kept["kcnt"]]
     parts = [(T * NSq * Cq * BD, f32), ((T + 1) * NSq * Cq * BD, f32),   # kmu of the fit passes, qmu

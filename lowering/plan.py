@@ -350,7 +350,7 @@ def _plan(B, H, Hkv, N, M, D, Dv, dtype, causal, clusters, query_clusters, dipol
             # one pass alone, repeated in a graph (H100, 2026-11-23; 32 sets of 8k / 16k / 32k tokens, 64 of
             # 4k): 4 warps throughout; final passes on 8 tiles of 64 tokens per program, 22.9 / 50.9 / 89.3 /
             # 20.9 us (8 warps and 264+ programs: 25.3 / 51.5 / 92.7 / 23.4); fit passes on 128-token tiles,
-            # >= 256 programs and <= 4 tiles, 10.7 / 15.3 / 30.5 / 10.7 (before: 14.5 / 24.8 / 46.7 / 14.7)
+            # >= 256 programs and <= 4 tiles, 10.7 / 15.3 / 30.5 / 10.7 (before: 14.5 / 27.9 / 46.7 / 14.7)
             bnk, wk = 64, 4
             kfit = dict(kmeans_tiles=8, bn_kmeans_fit=128, warps_kmeans_fit=4, kmeans_fit_programs=256,
                         kmeans_fit_max_tiles=4)
