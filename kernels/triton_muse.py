@@ -249,6 +249,15 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
                                most=pl.kmeans_fit_max_tiles)
     BNF = pl.bn_kmeans_fit or BN
     kw_kf = dict(kw_k, num_warps=pl.warps_kmeans_fit or pl.warps_kmeans)
+
+    def pass_cfg(final, ns, length, r, t_final):
+        """Token stride, tile, tiles per program, programs per set and launch options of one k-means pass:
+        the final pass reads every token, a fit pass every r-th, each with its own settings."""
+        if final:
+            return 1, BN, t_final, triton_cdiv(length, BN * t_final), kw_k
+        t = ftiles(ns, triton_cdiv(length, r), BNF)
+        return r, BNF, t, triton_cdiv(triton_cdiv(length, r), BNF * t), kw_kf
+
     fit_off, k_off, ps = 0, 0, lv.pair_stride
     rq, rk = kmeans_fit_stride(Lf, Cq), kmeans_fit_stride(Lk, Ck)
     if "fit_stride" in TUNE:
@@ -304,15 +313,13 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
         if "cluster" in phases:
             for t in range(T + 1):
                 final, prev = t == T, max(t - 1, 0)
-                r_k, bn = (1, BN) if final else (rk, BNF)
-                t_k = tk if final else ftiles(NSk, triton_cdiv(Lk, r_k), bn)
-                mod.kmeans_pass[(NSk, triton_cdiv(triton_cdiv(Lk, r_k), bn * t_k))](
+                r_k, bn, t_k, nprog, kw_p = pass_cfg(final, NSk, Lk, rk, tk)
+                mod.kmeans_pass[(NSk, nprog)](
                     k, 1.0, init if init is not None else dummy, kmu[prev], ksums[prev], kcnt[prev], kmu[t],
                     ksums[t], kcnt[t], kassign, kpos, kpb, valid if valid is not None else dummy,
                     1, P, M, k_off, ps, Lk, Hkv, r_k, npk,
                     C=Ck, BC=BCk, BN=bn, TILES=t_k, MODE=0 if t == 0 else 1, INIT_IDX=init is not None,
-                    HAS_VALID=valid is not None, SUMS=not final, FINAL=final, POS_ATOMIC=pa,
-                    **(kw_k if final else kw_kf))
+                    HAS_VALID=valid is not None, SUMS=not final, FINAL=final, POS_ATOMIC=pa, **kw_p)
             mod.scatter_perm[(NSk, triton_cdiv(Lk, BNS))](
                 kcnt[T], kassign, kpos, kpb, kperm, kord, 1, P, M, k_off, ps, Lk, npk, BN * tk,
                 C=Ck, BC=BCk, BN=BNS, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
@@ -325,13 +332,12 @@ def _level(mod, pl: KernelPlan, lv, kept, q, k, v, valid, scale, Z, G, Hkv, N, M
     if "cluster" in phases:
         for t in range(T + 1):
             final, prev = t == T, max(t - 1, 0)
-            r_q, bn = (1, BN) if final else (rq, BNF)
-            t_q = tq if final else ftiles(NSq, triton_cdiv(Lf, r_q), bn)
-            mod.kmeans_pass[(NSq, triton_cdiv(triton_cdiv(Lf, r_q), bn * t_q))](
+            r_q, bn, t_q, nprog, kw_p = pass_cfg(final, NSq, Lf, rq, tq)
+            mod.kmeans_pass[(NSq, nprog)](
                 q, scale, dummy, qmu[prev], qsums[prev], qcnt[prev], qmu[t], qsums[t], qcnt[t], qassign, qpos, qpb,
                 dummy, G, P, N, fit_off, ps, Lf, Hkv, r_q, npq,
                 C=Cq, BC=BCq, BN=bn, TILES=t_q, MODE=0 if t == 0 else 1, INIT_IDX=False, HAS_VALID=False,
-                SUMS=mean_sums or not final, FINAL=final, POS_ATOMIC=pa, **(kw_k if final else kw_kf))
+                SUMS=mean_sums or not final, FINAL=final, POS_ATOMIC=pa, **kw_p)
         mod.scatter_perm[(NSq, triton_cdiv(Lf, BNS))](
             qcnt[T], qassign, qpos, qpb, qperm, qord, G, P, N, fit_off, ps, Lf, npq, BN * tq,
             C=Cq, BC=BCq, BN=BNS, POS_ATOMIC=pa, BY_SIZE=pl.size_order, num_warps=nw)
